@@ -1,0 +1,68 @@
+# Kennel: every target depends on the virtual environment, so a fresh clone needs only
+# `make pipeline-run` or `make test`.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+KENNEL := $(VENV)/bin/kennel
+STAMP := $(VENV)/.installed
+
+# Pass-through knobs: make pipeline-run TARGET=aws DATA=path/to/images PARAMS="TuningMaxJobs=4"
+TARGET ?=
+DATA ?=
+PARAMS ?=
+IMAGE ?=
+TARGET_FLAG := $(if $(TARGET),--target $(TARGET),)
+
+.PHONY: install test lint bench sample lock clean \
+        pipeline-definition pipeline-upsert pipeline-run pipeline-status approve reject models
+
+install: $(STAMP)
+
+# torch/torchvision come from this machine's local wheel disk through pip (uv and poetry would
+# download ~3 GB); everything else is pinned by constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip check
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# Regenerate data/sample from Debian's dataset-fashion-mnist package.
+sample: $(STAMP)
+	$(PY) data/make_sample.py
+
+# Refresh constraints.txt from the current environment (after changing pyproject.toml).
+lock: $(STAMP)
+	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^kennel'; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+
+pipeline-definition: $(STAMP)
+	$(KENNEL) definition $(TARGET_FLAG) -o pipeline-definition.json
+
+pipeline-upsert: $(STAMP)
+	$(KENNEL) upsert $(TARGET_FLAG)
+
+pipeline-run: $(STAMP)
+	$(KENNEL) run $(TARGET_FLAG) --wait $(if $(DATA),--data $(DATA),) $(foreach p,$(PARAMS),--param $(p))
+
+pipeline-status: $(STAMP)
+	$(KENNEL) status $(TARGET_FLAG)
+
+models: $(STAMP)
+	$(KENNEL) models $(TARGET_FLAG)
+
+approve: $(STAMP)
+	$(KENNEL) approve $(TARGET_FLAG) --latest
+
+reject: $(STAMP)
+	$(KENNEL) reject $(TARGET_FLAG) --latest
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache pipeline-definition.json
