@@ -1,0 +1,360 @@
+"""prepare.py: run as the processing step runs it (a subprocess), plus table tests of its pure parts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import contract
+import prepare
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = REPO_ROOT / "data" / "sample"
+SAMPLE_CLASSES = sorted(folder.name for folder in (SAMPLE / "train").iterdir())
+
+
+def run_prepare(
+    base: Path, *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """prepare.py in a child process with /opt/ml re-rooted at `base` (so the message file lands there)."""
+    child_env = {**os.environ, contract.BASE_DIR_VARIABLE: str(base), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "entrypoints/prepare.py", *map(str, args)],
+        cwd=REPO_ROOT, env=child_env, capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def files_by_split(output: Path) -> dict[str, dict[str, set[str]]]:
+    return {
+        split: {folder.name: {f.name for f in folder.iterdir()} for folder in (output / split).iterdir()}
+        for split in contract.SPLITS
+    }
+
+
+def copy_sample(dest: Path, classes: list[str], per_split: int) -> None:
+    """A splits-layout copy of the sample: `per_split` images of each class in each split."""
+    for split in contract.SPLITS:
+        for label in classes:
+            target = dest / split / label
+            target.mkdir(parents=True)
+            for source in sorted((SAMPLE / split / label).iterdir())[:per_split]:
+                shutil.copyfile(source, target / source.name)
+
+
+def class_tree(dest: Path, sizes: dict[str, int]) -> Path:
+    """A class-per-folder tree from the sample (all its splits pooled), `sizes[label]` images each."""
+    for label, size in sizes.items():
+        target = dest / label
+        target.mkdir(parents=True)
+        pooled = sorted(path for split in contract.SPLITS for path in (SAMPLE / split / label).iterdir())
+        for source in pooled[:size]:
+            shutil.copyfile(source, target / source.name)
+    return dest
+
+
+def encoded(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def noise(mode: str, size: int = 32) -> Image.Image:
+    return Image.effect_noise((size, size), 60).convert(mode)
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+def test_bundled_sample_passes_through(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    result = run_prepare(tmp_path / "base", "--input", SAMPLE, "--output", output, "--workers", "2")
+
+    assert result.returncode == 0, result.stderr
+    manifest = read_json(output / "report" / contract.MANIFEST_FILE)
+    report = read_json(output / "report" / contract.DATA_REPORT_FILE)
+    assert manifest["classes"] == SAMPLE_CLASSES and len(SAMPLE_CLASSES) == 10
+    assert manifest["class_to_idx"] == {label: i for i, label in enumerate(SAMPLE_CLASSES)}
+    assert manifest["layout"] == "splits"
+    written = files_by_split(output)
+    for split in contract.SPLITS:
+        for label in SAMPLE_CLASSES:
+            sources = {p.name for p in (SAMPLE / split / label).iterdir()}
+            assert written[split][label] == sources  # same stems, PNG in, PNG out
+            assert manifest["counts"][split][label] == len(sources)
+    assert report["kept"] == manifest["totals"]["all"] == 1400
+    assert report["rejected"] == [] and report["converted"] == {"L": 1400}
+    first_class = SAMPLE_CLASSES[0]
+    with Image.open(output / "train" / first_class / min(written["train"][first_class])) as img:
+        assert img.mode == "RGB"
+    assert "kept=1400" in result.stdout
+    assert not [p for p in output.iterdir() if p.name.startswith(".")]  # staging removed
+
+
+def test_class_tree_is_split_stratified_and_reproducibly(tmp_path: Path) -> None:
+    sizes = {"bag": 60, "coat": 41, "dress": 25}
+    tree = class_tree(tmp_path / "tree", sizes)
+    fractions = ["--valid-fraction", "0.2", "--test-fraction", "0.15"]
+
+    def split_with(seed: int, name: str) -> dict[str, dict[str, set[str]]]:
+        output = tmp_path / name
+        result = run_prepare(
+            tmp_path / "base", "--input", tree, "--output", output, "--seed", seed, *fractions
+        )
+        assert result.returncode == 0, result.stderr
+        manifest = read_json(output / "report" / contract.MANIFEST_FILE)
+        assert manifest["layout"] == "split_by_prepare" and manifest["seed"] == seed
+        assert manifest["fractions"] == {"valid": 0.2, "test": 0.15}
+        return files_by_split(output)
+
+    first, again, other = split_with(7, "a"), split_with(7, "b"), split_with(8, "c")
+
+    assert first == again
+    assert first != other
+    for label, size in sizes.items():
+        parts = [first[split][label] for split in contract.SPLITS]
+        assert set().union(*parts) == {p.name for p in (tree / label).iterdir()}  # nothing lost
+        assert sum(len(part) for part in parts) == size  # no file in two splits
+        assert len(first["valid"][label]) == round(size * 0.2 + 1e-9)
+        assert len(first["test"][label]) == round(size * 0.15 + 1e-9)
+
+
+def make_messy_dataset(root: Path) -> dict[str, str]:
+    """Two sample classes plus every kind of bad and odd file in train/bag; returns bad file -> reason."""
+    copy_sample(root, ["bag", "coat"], per_split=3)
+    bag = root / "train" / "bag"
+    jpeg = encoded(noise("RGB"), "JPEG")
+    bad = {
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "corrupt"),
+        "empty.png": (b"", "empty"),
+        "notes.jpg": (b"shopping list: kibble, leash\n", "not_an_image"),
+        "tiny.png": (encoded(noise("L", 8), "PNG"), "too_small"),
+        "bomb.png": (encoded(Image.new("L", (200, 200)), "PNG"), "decompression_bomb"),
+    }
+    for name, (data, _) in bad.items():
+        (bag / name).write_bytes(data)
+    rgba = noise("RGBA")
+    rgba.putpixel((0, 0), (10, 20, 30, 0))  # fully transparent: composited on white
+    (bag / "cmyk.jpg").write_bytes(encoded(noise("CMYK"), "JPEG"))
+    (bag / "rgba.png").write_bytes(encoded(rgba, "PNG"))
+    grey16 = Image.fromarray(np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 50)
+    (bag / "grey16.png").write_bytes(encoded(grey16, "PNG"))
+    (bag / "palette.png").write_bytes(encoded(noise("RGB").convert("P"), "PNG"))
+    (bag / "photo.jpg").write_bytes(jpeg)
+    (bag / "sub").mkdir()
+    (bag / "sub" / "photo.png").write_bytes(encoded(noise("L"), "PNG"))  # same stem as photo.jpg
+    (bag / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (bag / ".ipynb_checkpoints").mkdir()
+    (bag / ".ipynb_checkpoints" / "photo-checkpoint.png").write_bytes(encoded(noise("L"), "PNG"))
+    return {f"train/bag/{name}": reason for name, (_, reason) in bad.items()}
+
+
+def test_bad_files_are_rejected_and_the_rest_converted(tmp_path: Path) -> None:
+    source, output = tmp_path / "in", tmp_path / "out"
+    expected_rejections = make_messy_dataset(source)
+
+    result = run_prepare(
+        tmp_path / "base", "--input", source, "--output", output, "--max-pixels", "10000", "--workers", "2"
+    )
+
+    assert result.returncode == 0, result.stderr
+    report = read_json(output / "report" / contract.DATA_REPORT_FILE)
+    assert {entry["path"]: entry["reason"] for entry in report["rejected"]} == expected_rejections
+    assert all(entry["split"] == "train" and entry["class"] == "bag" and entry["detail"]
+               for entry in report["rejected"])
+    assert report["rejected_count"] == len(expected_rejections)
+    assert {entry["path"]: entry["reason"] for entry in report["skipped"]} == {
+        "train/bag/.DS_Store": "hidden", "train/bag/.ipynb_checkpoints": "hidden"
+    }
+    sample_copies = 2 * 3 * len(contract.SPLITS)
+    assert report["converted"] == {"CMYK": 1, "I;16": 1, "L": sample_copies + 1, "P": 1, "RGBA": 1}
+    assert report["copied"] == 1 and report["kept"] == sample_copies + 6
+
+    bag = output / "train" / "bag"
+    new_names = {p.name for p in bag.iterdir()} - {p.name for p in (SAMPLE / "train" / "bag").iterdir()}
+    assert new_names == {"cmyk.png", "rgba.png", "grey16.png", "palette.png", "photo.jpg", "photo_1.png"}
+    assert (bag / "photo.jpg").read_bytes() == (source / "train" / "bag" / "photo.jpg").read_bytes()
+    for path in bag.iterdir():
+        with Image.open(path) as img:
+            assert img.mode == "RGB", path
+    with Image.open(bag / "rgba.png") as img:
+        assert img.getpixel((0, 0)) == (255, 255, 255)
+    with Image.open(bag / "grey16.png") as img:
+        assert img.getextrema() == ((0, 255), (0, 255), (0, 255))  # 16-bit range scaled, not clipped
+    manifest = read_json(output / "report" / contract.MANIFEST_FILE)
+    assert manifest["counts"]["train"]["bag"] == len(list(bag.iterdir()))
+    assert "rejected=5" in result.stdout and "corrupt=1" in result.stdout
+
+
+def test_sagemaker_base_dir_reroots_input_output_and_keeps_mount_points(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    copy_sample(base / "processing" / "input" / "data", ["bag", "coat", "dress"], per_split=2)
+    (base / "processing" / "output" / "train").mkdir(parents=True)  # as SageMaker pre-creates outputs
+
+    result = run_prepare(base, "--workers", "1")
+
+    assert result.returncode == 0, result.stderr
+    output = base / "processing" / "output"
+    manifest = read_json(output / "report" / contract.MANIFEST_FILE)
+    assert manifest["classes"] == ["bag", "coat", "dress"]
+    assert {label: len(names) for label, names in files_by_split(output)["train"].items()} == {
+        "bag": 2, "coat": 2, "dress": 2
+    }
+    assert not (base / "output" / "message").exists()
+
+
+# --- stop conditions ---------------------------------------------------------------------------
+
+
+def one_class(root: Path) -> None:
+    class_tree(root, {"bag": 20})
+
+
+def splits_disagree(root: Path) -> None:
+    copy_sample(root, ["bag", "coat", "dress"], per_split=2)
+    shutil.rmtree(root / "valid" / "coat")
+
+
+def split_loses_class(root: Path) -> None:
+    copy_sample(root, ["bag", "coat"], per_split=2)
+    for path in (root / "test" / "coat").iterdir():
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])  # cut off inside the pixel data
+    (root / "test" / "coat" / "empty.png").write_bytes(b"")
+
+
+def class_too_small(root: Path) -> None:
+    class_tree(root, {"bag": 30, "coat": 3})
+
+
+def loose_files_only(root: Path) -> None:
+    root.mkdir()
+    for source in sorted((SAMPLE / "train" / "bag").iterdir())[:3]:
+        shutil.copyfile(source, root / source.name)
+
+
+def missing_test_split(root: Path) -> None:
+    copy_sample(root, ["bag", "coat"], per_split=2)
+    shutil.rmtree(root / "test")
+
+
+@pytest.mark.parametrize(
+    ("build", "words"),
+    [
+        (one_class, ["at least 2 classes", "'bag'"]),
+        (splits_disagree, ["disagree", "valid/ lacks coat"]),
+        (split_loses_class, ["test/coat", "corrupt: 2", "empty: 1"]),
+        (class_too_small, ["'coat' has 3", "at least 5"]),
+        (loose_files_only, ["no folders", "<input>/<class>/<images>"]),
+        (missing_test_split, ["no test/", "<input>/train/<class>/<images>"]),
+    ],
+)
+def test_stop_conditions_fail_with_one_line_and_write_nothing(
+    tmp_path: Path, build: Callable[[Path], None], words: list[str]
+) -> None:
+    source, output, base = tmp_path / "in", tmp_path / "out", tmp_path / "base"
+    build(source)
+
+    result = run_prepare(base, "--input", source, "--output", output, "--workers", "2")
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in lines[0]
+    assert (base / "output" / "message").read_text().strip() == lines[0]
+    assert not output.exists()
+
+
+def test_refuses_a_non_empty_output_and_leaves_it_alone(tmp_path: Path) -> None:
+    source, output = tmp_path / "in", tmp_path / "out"
+    copy_sample(source, ["bag", "coat"], per_split=1)
+    (output / "train" / "old").mkdir(parents=True)
+    (output / "train" / "old" / "keep.png").write_bytes(b"previous run")
+
+    result = run_prepare(tmp_path / "base", "--input", source, "--output", output)
+
+    assert result.returncode == 2 and "not empty" in result.stderr
+    assert [p.relative_to(output).as_posix() for p in sorted(output.rglob("*"))] == [
+        "train", "train/old", "train/old/keep.png"
+    ]
+
+
+# --- pure functions ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("valid", "test"), [(0.1, 0.1), (0.2, 0.15), (0.45, 0.45), (0.01, 0.3), (0.49, 0.5)])
+def test_min_images_to_split_is_the_size_from_which_every_split_gets_one(valid: float, test: float) -> None:
+    needed = prepare.min_images_to_split(valid, test)
+
+    assert all(prepare.can_split(n, valid, test) for n in range(needed, needed + 1000))
+    assert needed == 3 or not prepare.can_split(needed - 1, valid, test)
+    assert all(sum(prepare.split_counts(n, valid, test)) == n for n in range(200))
+
+
+def test_split_stratified_partitions_each_class_and_is_seeded_per_class() -> None:
+    by_class = {"a": [f"a{i}" for i in range(50)], "b": [f"b{i}" for i in range(9)]}
+
+    first = prepare.split_stratified(by_class, 0.2, 0.2, seed=1)
+    grown = prepare.split_stratified({**by_class, "c": ["c1", "c2", "c3", "c4", "c5"]}, 0.2, 0.2, seed=1)
+    reordered = prepare.split_stratified({k: v[::-1] for k, v in by_class.items()}, 0.2, 0.2, seed=1)
+
+    for label, items in by_class.items():
+        parts = [first[split][label] for split in ("train", "valid", "test")]
+        assert sorted(item for part in parts for item in part) == sorted(items)
+        assert tuple(map(len, parts)) == prepare.split_counts(len(items), 0.2, 0.2)
+        assert all(grown[split][label] == first[split][label] for split in contract.SPLITS)
+    assert reordered == first
+    assert prepare.split_stratified(by_class, 0.2, 0.2, seed=2) != first
+
+
+@pytest.mark.parametrize(
+    ("names", "layout_or_error"),
+    [
+        (["bag", "coat"], "split_by_prepare"),
+        (["test", "train", "valid"], "splits"),
+        ([], "no folders"),
+        (["train", "valid"], "no test/"),
+        (["train", "valid", "test", "extras"], "(extras)"),
+    ],
+)
+def test_detect_layout(names: list[str], layout_or_error: str) -> None:
+    if layout_or_error in ("splits", "split_by_prepare"):
+        assert prepare.detect_layout(names) == layout_or_error
+    else:
+        with pytest.raises(prepare.DatasetError, match=re.escape(layout_or_error)):
+            prepare.detect_layout(names)
+
+
+@pytest.mark.parametrize(
+    ("paths", "stems"),
+    [
+        (["x/a.png", "x/b.png"], ["a", "b"]),
+        (["x/a.jpg", "x/a.png", "x/sub/a.png"], ["a", "a_1", "a_2"]),
+        (["x/A.png", "x/a.png"], ["A", "a_1"]),  # case-insensitive filesystems would merge them
+        (["x/a.png", "x/a_1.png", "x/b/a.png"], ["a", "a_1", "a_2"]),
+    ],
+)
+def test_output_stems_are_unique_and_deterministic(paths: list[str], stems: list[str]) -> None:
+    assert prepare.output_stems([Path(p) for p in paths]) == stems
+
+
+def test_check_splits_agree_names_what_each_split_lacks() -> None:
+    with pytest.raises(prepare.DatasetError) as caught:
+        prepare.check_splits_agree({"train": ["a", "b", "c"], "valid": ["a"], "test": ["a", "b", "c"]})
+    assert "valid/ lacks b, c" in str(caught.value) and "train/" not in str(caught.value)
+    prepare.check_splits_agree({"train": ["a", "b"], "valid": ["b", "a"], "test": ["a", "b"]})
