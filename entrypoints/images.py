@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_MIN_SIZE = 16  # pixels on the shorter side; Fashion-MNIST (28 px) must pass
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning threshold
@@ -34,6 +34,7 @@ class DecodedImage:
     image: Image.Image  # always mode RGB
     source_format: str  # "JPEG", "PNG", ... as Pillow identified it
     source_mode: str  # the mode before conversion ("L", "RGBA", "CMYK", "I;16", ...)
+    rotated: bool = False  # an EXIF Orientation tag was applied (phone photos)
 
 
 def decode_rgb(
@@ -73,7 +74,12 @@ def decode_rgb(
         image.load()
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageRejected("corrupt", f"{error}") from None
-    return DecodedImage(to_rgb(image), source_format, source_mode)
+    # Phones store photos sideways with an EXIF Orientation tag; apply it so that training,
+    # evaluation and serving all see the picture upright.
+    orientation = image.getexif().get(0x0112, 1)
+    if orientation != 1:
+        image = ImageOps.exif_transpose(image)
+    return DecodedImage(to_rgb(image), source_format, source_mode, rotated=orientation != 1)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -400,7 +400,8 @@ def process_file(job: FileJob, limits: DecodeLimits) -> FileOutcome:
         return FileOutcome(
             job.rel, job.split, job.label, kept=False, reason=error.reason, detail=error.detail
         )
-    copy = decoded.source_format in JPEG_FORMATS and decoded.source_mode == "RGB"
+    # A copy keeps the original bytes, so only when they already read as upright RGB.
+    copy = decoded.source_format in JPEG_FORMATS and decoded.source_mode == "RGB" and not decoded.rotated
     if copy:
         suffix = job.source.suffix.lower() if job.source.suffix.lower() in JPEG_SUFFIXES else ".jpg"
         write_atomically(job.dest_stem.with_suffix(suffix), lambda path: path.write_bytes(raw))

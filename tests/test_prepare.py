@@ -358,3 +358,23 @@ def test_check_splits_agree_names_what_each_split_lacks() -> None:
         prepare.check_splits_agree({"train": ["a", "b", "c"], "valid": ["a"], "test": ["a", "b", "c"]})
     assert "valid/ lacks b, c" in str(caught.value) and "train/" not in str(caught.value)
     prepare.check_splits_agree({"train": ["a", "b"], "valid": ["b", "a"], "test": ["a", "b"]})
+
+
+def test_exif_rotated_jpeg_is_written_upright_and_plain_jpeg_copied(tmp_path: Path) -> None:
+    """A phone photo stored sideways (EXIF Orientation 6) must reach training upright."""
+    data = tmp_path / "in"
+    copy_sample(data, SAMPLE_CLASSES[:2], per_split=2)
+    wide = noise("RGB", size=64).resize((80, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    rotated_dir = data / "train" / SAMPLE_CLASSES[0]
+    wide.save(rotated_dir / "sideways.jpg", format="JPEG", exif=exif)
+    wide.save(rotated_dir / "plain.jpg", format="JPEG")
+
+    result = run_prepare(tmp_path, "--input", data, "--output", tmp_path / "out", "--workers", "1")
+
+    assert result.returncode == 0, result.stderr
+    written = tmp_path / "out" / "train" / SAMPLE_CLASSES[0]
+    with Image.open(written / "sideways.png") as upright:
+        assert upright.size == (40, 80)
+    assert (written / "plain.jpg").read_bytes() == (rotated_dir / "plain.jpg").read_bytes()
