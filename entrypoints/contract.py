@@ -37,6 +37,8 @@ EVALUATION_FILE = "evaluation.json"
 EVALUATION_METRICS_KEY = "multiclass_classification_metrics"
 TEST_LOSS_JSON_PATH = f"{EVALUATION_METRICS_KEY}.loss.value"
 TEST_ACCURACY_JSON_PATH = f"{EVALUATION_METRICS_KEY}.accuracy.value"
+# Printed once by evaluate.py for the job log (the JSON file is what the pipeline reads).
+TEST_METRIC_LINE = "test_loss={test_loss:.6f} test_accuracy={test_accuracy:.6f}"
 
 # --- training --------------------------------------------------------------------------------
 TRAIN_CHANNELS = ("train", "valid")  # SM_CHANNEL_TRAIN, SM_CHANNEL_VALID
@@ -63,6 +65,7 @@ IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image")
 INFERENCE_CONTENT_TYPES = (*IMAGE_CONTENT_TYPES, "application/json", "application/x-npy")
 INFERENCE_RESPONSE_TYPES = ("application/json",)
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # SageMaker real-time endpoints refuse bodies over 6 MB
+INFERENCE_MAX_BATCH = 64  # images in one request; a larger batch is a 400, not a slow 500
 
 
 def parse_metric_line(line: str) -> dict[str, float]:
