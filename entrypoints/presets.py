@@ -6,8 +6,8 @@ deterministic resize + centre crop, so a served prediction sees exactly what eva
 
 from __future__ import annotations
 
-from torchvision.transforms import v2 as T
 import torch
+from torchvision.transforms import v2 as T
 
 # Resize to image_size / CROP_RATIO, then centre-crop image_size: the usual ImageNet evaluation.
 CROP_RATIO = 0.875
