@@ -133,3 +133,6 @@ def train_job(tmp_path: Path, mini_sample: Path) -> TrainJob:
 
 # --- pipeline builds and a moto server (pipeline, aws-target, CLI and deploy tests) -------------
 from kennel_support import aws_env, moto_server, offline_builds  # noqa: E402, F401 - fixtures
+
+# --- model packages and endpoint servers (registry, endpoint, serving and deployment tests) -----
+from serving_support import kennel_home, tarballs  # noqa: E402, F401 - fixtures

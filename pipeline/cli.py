@@ -1,0 +1,259 @@
+"""`kennel`: the same commands for both targets.
+
+    kennel definition [--target T] [-o FILE]
+    kennel upsert     [--target T]
+    kennel run        [--target T] [--param Name=Value ...] [--data PATH_OR_S3_URI] [--wait]
+    kennel status     [EXECUTION] [--target T] [--json]
+    kennel models     [--target T] [--json]
+    kennel approve    (--latest | --version N) [--reason TEXT] [--target T]
+    kennel reject     (--latest | --version N) [--reason TEXT] [--target T]
+    kennel policy     [--trust]
+
+The target defaults to `target` in kennel.toml (KENNEL_TARGET), which defaults to local. The
+SageMaker SDK is imported only by the commands that need it, so `kennel --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import TARGETS, KennelConfig, load_config
+from pipeline.errors import KennelError
+
+log = logging.getLogger("kennel")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kennel", description="Fine-tune image classifiers with one SageMaker pipeline, on AWS or locally.")
+    parser.add_argument("--config", type=Path, help="kennel.toml to use (default: $KENNEL_CONFIG, ./kennel.toml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the SDK's and boto's logs too")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument("--target", choices=TARGETS, help="where to run (default: target in kennel.toml)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    definition = commands.add_parser("definition", parents=[target], help="print or write the pipeline definition")
+    definition.add_argument("-o", "--output", type=Path, help="write the JSON here instead of stdout")
+    definition.add_argument("--deploy-pipeline", action="store_true",
+                            help="the one-step deploy pipeline that approvals start, instead of the main one")
+
+    commands.add_parser("upsert", parents=[target], help="create or update the pipeline on the target")
+
+    run = commands.add_parser("run", parents=[target, as_json], help="start a pipeline execution")
+    run.add_argument("--param", action="append", default=[], metavar="Name=Value",
+                     help="override a pipeline parameter (repeatable); see docs/aws.md for the list")
+    run.add_argument("--data", help="ImageFolder tree: a local folder (uploaded) or an s3:// URI")
+    run.add_argument("--wait", action="store_true", help="wait for the execution to finish")
+
+    status = commands.add_parser("status", parents=[target, as_json], help="show an execution and its steps")
+    status.add_argument("execution", nargs="?", help="execution id or ARN (default: the newest)")
+
+    commands.add_parser("models", parents=[target, as_json], help="list the registered model packages")
+
+    for verb in ("approve", "reject"):
+        decide = commands.add_parser(verb, parents=[target, as_json], help=f"{verb} a model package")
+        which = decide.add_mutually_exclusive_group(required=True)
+        which.add_argument("--latest", action="store_true", help="the newest package")
+        which.add_argument("--version", type=int, help="package version N")
+        decide.add_argument("--reason", help="recorded as the package's approval description")
+
+    policy = commands.add_parser("policy", help="print the execution role's IAM policy for this configuration")
+    policy.add_argument("--trust", action="store_true", help="print the role's trust policy instead")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        config = load_config(args.config)
+        return COMMANDS[args.command](args, config)
+    except KennelError as error:
+        print(f"kennel: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("kennel: interrupted", file=sys.stderr)
+        return 130
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Kennel's progress at INFO on stderr; other libraries' records only when they are errors.
+
+    The SDK sets levels on its own loggers (and narrates every build), so the filtering is done on
+    the handler, where a library's logger levels cannot get around it.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    if verbose:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_quiet_libraries)
+        warnings.filterwarnings("ignore", module=r"sagemaker(\..*)?$")
+        warnings.filterwarnings("ignore", message=".*PipelineSession.*")
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    if record.name == "kennel" or record.name.startswith("kennel."):
+        return record.levelno >= logging.INFO
+    return record.levelno >= logging.ERROR
+
+
+def _target_name(args: argparse.Namespace, config: KennelConfig) -> str:
+    return args.target or config.target
+
+
+def cmd_definition(args: argparse.Namespace, config: KennelConfig) -> int:
+    from pipeline.config import PLACEHOLDER_BUCKET
+    from pipeline.definition import build_offline, check_output_path, write_json
+
+    target = _target_name(args, config)
+    if args.output:
+        check_output_path(args.output)
+    # The SDK prints a few lines while it builds; stdout must hold only the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        build = build_offline(config, target)
+    if target == "aws" and config.for_target("aws").bucket == PLACEHOLDER_BUCKET:
+        log.warning("no bucket or role configured: the definition uses placeholders; set KENNEL_BUCKET and "
+                    "KENNEL_ROLE_ARN before `kennel upsert --target aws`")
+    document = build.deploy_definition if args.deploy_pipeline else build.definition
+    if args.output:
+        write_json(document, args.output)
+        log.info("wrote the %s definition (%d steps) to %s", target, len(document["Steps"]), args.output)
+    else:
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_upsert(args: argparse.Namespace, config: KennelConfig) -> int:
+    target = _get_target(args, config)
+    with contextlib.redirect_stdout(sys.stderr):
+        result = target.upsert()
+    print(f"{'created' if result.created else 'updated'} pipeline {result.pipeline_name}: {result.pipeline_arn}")
+    for message in result.messages:
+        print(message)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, config: KennelConfig) -> int:
+    from pipeline.parameters import parse_overrides
+
+    parameters = parse_overrides(args.param)  # checked before anything is sent
+    target = _get_target(args, config)
+    if args.data:
+        if "InputDataUri" in parameters:
+            raise KennelError("give the data once: either --data or --param InputDataUri=...")
+        parameters["InputDataUri"] = target.stage_data(args.data)
+    execution = target.start(parameters, args.wait)
+    if args.json:
+        _print_json(execution.to_dict())
+    else:
+        _print_execution(execution)
+    if args.wait and execution.status != "Succeeded":
+        return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, config: KennelConfig) -> int:
+    execution = _get_target(args, config).status(args.execution)
+    if args.json:
+        _print_json(execution.to_dict())
+    else:
+        _print_execution(execution)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, config: KennelConfig) -> int:
+    packages = _get_target(args, config).models()
+    if args.json:
+        _print_json([package.to_dict() for package in packages])
+        return 0
+    if not packages:
+        print(f"no model packages in {config.model_package_group} yet")
+        return 0
+    rows = [("VERSION", "STATUS", "CREATED", "ARN")]
+    rows += [(str(p.version), p.approval_status, p.created, p.arn) for p in packages]
+    _print_table(rows)
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace, config: KennelConfig) -> int:
+    target = _get_target(args, config)
+    version = None if args.latest else args.version
+    if version is not None and version < 1:
+        raise KennelError(f"--version {version}: versions start at 1")
+    decide = target.approve if args.command == "approve" else target.reject
+    package = decide(version, args.reason)
+    if args.json:
+        _print_json(package.to_dict())
+    else:
+        print(f"version {package.version} of {config.model_package_group} is now {package.approval_status}")
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace, config: KennelConfig) -> int:
+    from pipeline.policy import render_execution_role_policy, trust_policy
+
+    document = trust_policy() if args.trust else render_execution_role_policy(config)
+    _print_json(document)
+    return 0
+
+
+def _get_target(args: argparse.Namespace, config: KennelConfig) -> Any:
+    from pipeline.targets import get_target
+
+    return get_target(_target_name(args, config), config)
+
+
+def _print_execution(execution: Any) -> None:
+    print(f"execution {execution.execution_id}  {execution.status}  started {execution.started or '-'}")
+    if execution.failure_reason:
+        print(f"  failure: {execution.failure_reason}")
+    if execution.parameters:
+        print("  parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(execution.parameters.items())))
+    if execution.steps:
+        rows = [("  STEP", "STATUS", "STARTED", "ENDED")]
+        rows += [(f"  {s.name}", s.status, s.started or "-", s.ended or "-") for s in execution.steps]
+        _print_table(rows)
+        for step in execution.steps:
+            if step.failure_reason:
+                print(f"  {step.name} failed: {step.failure_reason}")
+    for note in execution.notes:
+        print(f"  ({note})")
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_json(document: Any) -> None:
+    json.dump(document, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+COMMANDS = {
+    "definition": cmd_definition,
+    "upsert": cmd_upsert,
+    "run": cmd_run,
+    "status": cmd_status,
+    "models": cmd_models,
+    "approve": cmd_decide,
+    "reject": cmd_decide,
+    "policy": cmd_policy,
+}

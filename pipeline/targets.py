@@ -1,0 +1,116 @@
+"""The targets a pipeline runs on, behind one interface the CLI talks to.
+
+A target is an object with the methods of `Target`; `get_target` finds it by name. The aws target
+lives in `pipeline.aws`. The local target is expected in `pipeline.local_target` (an adapter over
+`local/`, which must not import `pipeline/`): a module exposing `create_target(config)` that
+returns an object with these methods. Until that module exists, every command but `definition`
+answers on the local target that the local runner is not installed yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pipeline.config import KennelConfig
+from pipeline.errors import TargetUnavailable
+
+TARGET_MODULES = {"aws": "pipeline.aws", "local": "pipeline.local_target"}
+TERMINAL_STATUSES = ("Succeeded", "Failed", "Stopped")
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    name: str
+    status: str
+    started: str = ""
+    ended: str = ""
+    failure_reason: str = ""
+
+
+@dataclass(frozen=True)
+class ExecutionStatus:
+    execution_arn: str
+    pipeline_name: str
+    status: str
+    started: str = ""
+    failure_reason: str = ""
+    parameters: dict[str, str] = field(default_factory=dict)
+    steps: list[StepStatus] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. why the steps could not be listed
+
+    @property
+    def execution_id(self) -> str:
+        return self.execution_arn.rsplit("/", 1)[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "execution_id": self.execution_id}
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    version: int
+    approval_status: str
+    arn: str
+    created: str = ""
+    approval_description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    pipeline_name: str
+    pipeline_arn: str
+    created: bool  # False: an existing pipeline was updated
+    messages: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Target(Protocol):
+    """What every target does. Methods raise KennelError with a one-line message on user errors."""
+
+    name: str
+
+    def upsert(self) -> UpsertResult: ...
+
+    def stage_data(self, data: str) -> str:
+        """Make a dataset reachable by the pipeline; return the value for InputDataUri."""
+        ...
+
+    def start(self, parameters: Mapping[str, str], wait: bool) -> ExecutionStatus: ...
+
+    def status(self, execution: str | None) -> ExecutionStatus: ...
+
+    def models(self) -> list[ModelPackage]: ...
+
+    def approve(self, version: int | None, reason: str | None) -> ModelPackage: ...
+
+    def reject(self, version: int | None, reason: str | None) -> ModelPackage: ...
+
+
+def get_target(name: str, config: KennelConfig) -> Target:
+    """The target called `name`, configured with `config` (its stand-ins filled for that target)."""
+    module_name = TARGET_MODULES.get(name)
+    if module_name is None:
+        raise TargetUnavailable(f"unknown target {name!r}; choose one of {', '.join(TARGET_MODULES)}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        raise TargetUnavailable(
+            f"the {name} runner is not installed yet: only `kennel definition --target {name}` works "
+            f"for now; use --target aws for the other commands"
+        ) from None
+    return module.create_target(config.for_target(name))

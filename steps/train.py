@@ -1,0 +1,126 @@
+"""TrainWithDebugger: the final training job, with the best trial's hyperparameters.
+
+SDK v3's ModelTrainer has no Debugger arguments, so `DebugTrainingStep` adds DebugHookConfig,
+DebugRuleConfigurations, ProfilerConfig and ProfilerRuleConfigurations to the CreateTrainingJob
+request itself. Nothing in v3 adds the tensor collections a rule reads, so the hook config lists
+them here: every rule below names the collections it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import smdebug_rulesconfig as rule_configs
+from sagemaker.core.debugger import (
+    CollectionConfig,
+    DebuggerHookConfig,
+    ProfilerConfig,
+    ProfilerRule,
+    Rule,
+    get_rule_container_image_uri,
+)
+from sagemaker.mlops.workflow.steps import ProcessingStep, TrainingStep, TuningStep
+
+from steps.common import StepContext, cache_config, job_retry_policies, static_s3_uri
+from steps.tune import TUNED, best_hyperparameter, model_trainer, static_hyperparameters, training_channels
+
+NAME = "TrainWithDebugger"
+
+
+@dataclass(frozen=True)
+class DebugRule:
+    base_config: Any  # a smdebug_rulesconfig factory
+    parameters: dict[str, str]  # AWS's documented parameters, spelled out so they are visible
+    collections: tuple[str, ...]  # tensor collections the rule reads
+
+
+DEBUG_RULES = (
+    DebugRule(rule_configs.loss_not_decreasing,
+              {"use_losses_collection": "True", "num_steps": "10", "diff_percent": "0.1",
+               "increase_threshold_percent": "5"}, ("losses",)),
+    DebugRule(rule_configs.vanishing_gradient, {"threshold": "0.0000001"}, ("gradients",)),
+    DebugRule(rule_configs.overfit, {"start_step": "0", "patience": "1", "ratio_threshold": "0.1"},
+              ("losses",)),
+    DebugRule(rule_configs.overtraining,
+              {"patience_train": "5", "patience_validation": "10", "delta": "0.01"}, ("losses",)),
+    DebugRule(rule_configs.poor_weight_initialization,
+              {"activation_inputs_regex": ".*relu_input", "threshold": "10.0", "distribution_range": "0.001",
+               "patience": "5", "steps": "10"}, ("weights", "gradients", "losses", "relu_input")),
+    # Cheap (a NaN/inf scan of tensors already saved). ClassImbalance is left out: it needs label and
+    # prediction tensors that train.py does not save.
+    DebugRule(rule_configs.exploding_tensor, {"collection_names": "gradients,weights", "only_nan": "False"},
+              ("gradients", "weights")),
+)
+PROFILER_RULES = (rule_configs.ProfilerReport, rule_configs.LowGPUUtilization)
+# Collection parameters beyond the hook's save interval; relu_input is not a default collection.
+COLLECTION_PARAMETERS = {"relu_input": {"include_regex": ".*relu_input"}}
+PROFILING_INTERVAL_MS = 500
+
+
+class DebugTrainingStep(TrainingStep):
+    """A TrainingStep whose CreateTrainingJob request carries Debugger and profiler settings."""
+
+    def __init__(self, *, debugger: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._debugger = debugger
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        request = super().arguments
+        request.update(self._debugger)
+        return request
+
+
+def debugger_request(ctx: StepContext) -> dict[str, Any]:
+    """The four Debugger members of CreateTrainingJob, rule images resolved for the region."""
+    config = ctx.config
+    collections = sorted({name for rule in DEBUG_RULES for name in rule.collections} | {"biases"})
+    hook = DebuggerHookConfig(
+        s3_output_path=static_s3_uri(config, config.pipeline_name, "debug"),
+        hook_parameters={"save_interval": str(config.debug_save_interval)},
+        collection_configs=[CollectionConfig(name=name, parameters=COLLECTION_PARAMETERS.get(name))
+                            for name in collections],
+    )
+    rules = []
+    for spec in DEBUG_RULES:
+        rule = Rule.sagemaker(spec.base_config(), rule_parameters=dict(spec.parameters))
+        rule.image_uri = get_rule_container_image_uri(rule.name, config.region)
+        rules.append(rule.to_debugger_rule_config_dict())
+    profiler_rules = []
+    for factory in PROFILER_RULES:
+        rule = ProfilerRule.sagemaker(factory())
+        rule.image_uri = get_rule_container_image_uri(rule.name, config.region)
+        profiler_rules.append(rule.to_profiler_rule_config_dict())
+    profiler = ProfilerConfig(s3_output_path=static_s3_uri(config, config.pipeline_name, "profiler"),
+                              system_monitor_interval_millis=PROFILING_INTERVAL_MS)
+    return {
+        "DebugHookConfig": hook._to_request_dict(),
+        "DebugRuleConfigurations": rules,
+        "ProfilerConfig": profiler._to_request_dict(),
+        "ProfilerRuleConfigurations": profiler_rules,
+    }
+
+
+def train_step(ctx: StepContext, prepare: ProcessingStep, tune: TuningStep) -> DebugTrainingStep:
+    """Trains once more with the static hyperparameters plus the best trial's tuned values."""
+    config = ctx.config
+    hyperparameters = static_hyperparameters(ctx)
+    hyperparameters.update({name: best_hyperparameter(tune, name) for name in TUNED})
+    # No CheckpointConfig: it is part of the step's cache key, and an S3 checkpoint path shared
+    # across executions would let one execution resume another's run, while one per execution
+    # would never hit the cache. train.py checkpoints locally either way.
+    trainer = model_trainer(ctx, f"{config.pipeline_name}-train", hyperparameters)
+    return DebugTrainingStep(
+        name=NAME,
+        step_args=trainer.train(input_data_config=training_channels(prepare)),
+        debugger=debugger_request(ctx),
+        description="Train with the best trial's hyperparameters; Debugger rules and profiler attached",
+        cache_config=cache_config(config),
+        retry_policies=job_retry_policies(),
+    )
+
+
+def model_artifacts(train: TrainingStep) -> Any:
+    """A `Get` on the S3 URI of the trained model.tar.gz."""
+    return train.properties.ModelArtifacts.S3ModelArtifacts

@@ -1,0 +1,186 @@
+"""The aws target against a moto server: upsert, run, status, models, approve, reject.
+
+moto records pipelines and executions but runs no step (an execution is Succeeded at once) and
+has no ListPipelineExecutionSteps; the registry, S3 and EventBridge behave as on AWS.
+"""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pytest
+from kennel_support import BUCKET, REGION, ROLE_ARN, repo_config
+
+from pipeline.aws import AwsTarget
+from pipeline.config import ConfigError
+from pipeline.errors import KennelError
+
+SPEC = {
+    "Containers": [{"Image": "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6-cpu-py312",
+                    "ModelDataUrl": "s3://bucket/model.tar.gz"}],
+    "SupportedContentTypes": ["image/png"],
+    "SupportedResponseMIMETypes": ["application/json"],
+}
+
+
+def aws_config(**overrides: str):
+    return repo_config(target="aws", role_arn=ROLE_ARN, bucket=BUCKET, **overrides).for_target("aws")
+
+
+@pytest.fixture
+def target(aws_env) -> AwsTarget:
+    boto3.client("s3", region_name=REGION).create_bucket(Bucket=BUCKET)
+    return AwsTarget(aws_config(), poll_seconds=0)
+
+
+@pytest.fixture
+def upserted(target: AwsTarget) -> AwsTarget:
+    target.upsert()
+    return target
+
+
+def sagemaker():
+    return boto3.client("sagemaker", region_name=REGION)
+
+
+def register(*statuses: str) -> None:
+    group = repo_config().model_package_group
+    for status in statuses:
+        sagemaker().create_model_package(ModelPackageGroupName=group, InferenceSpecification=SPEC,
+                                         ModelApprovalStatus=status)
+
+
+def test_upsert_creates_then_updates_the_pipeline(target):
+    first = target.upsert()
+    assert first.created and first.pipeline_name == "kennel"
+    described = sagemaker().describe_pipeline(PipelineName="kennel")
+    assert described["RoleArn"] == ROLE_ARN
+    definition = json.loads(described["PipelineDefinition"])
+    assert [step["Name"] for step in definition["Steps"]][-1] == "CheckTestLoss"
+    second = target.upsert()
+    assert not second.created and second.pipeline_arn == first.pipeline_arn
+    assert sagemaker().describe_pipeline(PipelineName="kennel")["PipelineArn"] == first.pipeline_arn
+
+
+def test_upsert_uploads_the_code_the_definition_names_to_the_bucket(upserted):
+    definition = json.loads(sagemaker().describe_pipeline(PipelineName="kennel")["PipelineDefinition"])
+    prepare = definition["Steps"][0]["Arguments"]
+    code = next(i for i in prepare["ProcessingInputs"] if i["InputName"] == "code")["S3Input"]["S3Uri"]
+    key = code.removeprefix(f"s3://{BUCKET}/") + "sourcedir.tar.gz"
+    assert boto3.client("s3", region_name=REGION).head_object(Bucket=BUCKET, Key=key)["ContentLength"] > 0
+    hyperparameters = definition["Steps"][2]["Arguments"]["HyperParameters"]
+    assert hyperparameters["allow-download"] == "True"
+
+
+def test_upsert_creates_the_group_and_the_approval_rule(upserted):
+    config = upserted.config
+    groups = sagemaker().list_model_package_groups()["ModelPackageGroupSummaryList"]
+    assert [g["ModelPackageGroupName"] for g in groups] == [config.model_package_group]
+    events = boto3.client("events", region_name=REGION)
+    rule = events.describe_rule(Name="kennel-package-approved")
+    pattern = json.loads(rule["EventPattern"])
+    assert pattern["detail-type"] == ["SageMaker Model Package State Change"]
+    assert pattern["detail"] == {"ModelPackageGroupName": [config.model_package_group],
+                                 "ModelApprovalStatus": ["Approved"]}
+    (rule_target,) = events.list_targets_by_rule(Rule="kennel-package-approved")["Targets"]
+    deploy_pipeline = sagemaker().describe_pipeline(PipelineName="kennel-deploy")
+    assert rule_target["Arn"] == deploy_pipeline["PipelineArn"]
+    assert rule_target["RoleArn"] == ROLE_ARN
+    deploy_steps = json.loads(deploy_pipeline["PipelineDefinition"])["Steps"]
+    assert [step["Name"] for step in deploy_steps] == ["Deploy"]
+
+
+def test_upsert_names_the_missing_bucket(aws_env):
+    with pytest.raises(KennelError, match=f"S3 bucket '{BUCKET}' does not exist"):
+        AwsTarget(aws_config()).upsert()
+
+
+def test_upsert_needs_a_role_and_a_bucket(aws_env):
+    with pytest.raises(ConfigError, match="KENNEL_ROLE_ARN.*KENNEL_BUCKET"):
+        AwsTarget(repo_config().for_target("aws")).upsert()
+
+
+def test_run_passes_parameter_overrides_and_waits(upserted):
+    execution = upserted.start({"Epochs": "2", "TuningMaxJobs": "8", "Architecture": "resnet50"}, wait=True)
+    assert execution.status == "Succeeded" and execution.finished
+    assert execution.parameters == {"Epochs": "2", "TuningMaxJobs": "8", "Architecture": "resnet50"}
+    recorded = sagemaker().list_pipeline_parameters_for_execution(PipelineExecutionArn=execution.execution_arn)
+    assert {p["Name"]: p["Value"] for p in recorded["PipelineParameters"]}["TuningMaxJobs"] == "8"
+
+
+def test_run_before_upsert_says_to_upsert(target):
+    with pytest.raises(KennelError, match="kennel upsert --target aws"):
+        target.start({}, wait=False)
+
+
+def test_status_shows_the_newest_execution_or_the_one_asked_for(upserted):
+    first = upserted.start({"Epochs": "1"}, wait=False)
+    second = upserted.start({"Epochs": "3"}, wait=False)
+    newest = upserted.status(None)
+    assert newest.execution_arn == second.execution_arn and newest.parameters == {"Epochs": "3"}
+    assert newest.notes  # moto cannot list steps: said, not raised
+    by_id = upserted.status(first.execution_id)
+    assert by_id.execution_arn == first.execution_arn
+    with pytest.raises(KennelError, match="no execution nope"):
+        upserted.status("nope")
+    executions = sagemaker().list_pipeline_executions(PipelineName="kennel")["PipelineExecutionSummaries"]
+    assert len(executions) == 2
+
+
+def test_status_without_executions_says_how_to_start_one(upserted):
+    with pytest.raises(KennelError, match="no executions yet"):
+        upserted.status(None)
+
+
+def test_models_lists_every_package_with_its_status_newest_first(upserted):
+    assert upserted.models() == []
+    register("Approved", "PendingManualApproval", "Rejected")
+    listed = upserted.models()
+    assert [(p.version, p.approval_status) for p in listed] == [
+        (3, "Rejected"), (2, "PendingManualApproval"), (1, "Approved")]
+
+
+def test_approve_the_latest_and_reject_a_version(upserted):
+    register("PendingManualApproval", "PendingManualApproval")
+    approved = upserted.approve(None, "test loss 0.41 on the held-out split")
+    assert (approved.version, approved.approval_status) == (2, "Approved")
+    rejected = upserted.reject(1, None)
+    assert (rejected.version, rejected.approval_status) == (1, "Rejected")
+    described = sagemaker().describe_model_package(ModelPackageName=approved.arn)
+    assert described["ModelApprovalStatus"] == "Approved"
+    assert described["ApprovalDescription"] == "test loss 0.41 on the held-out split"
+
+
+def test_approving_what_does_not_exist_is_one_clear_error(upserted):
+    with pytest.raises(KennelError, match="has no packages yet"):
+        upserted.approve(None, None)
+    register("PendingManualApproval")
+    with pytest.raises(KennelError, match="no version 9 .* versions: 1"):
+        upserted.reject(9, None)
+
+
+def test_a_local_folder_is_uploaded_once_and_used_as_input(target, tmp_path):
+    data = tmp_path / "pets"
+    for name in ("cat/a.png", "dog/b.png", ".DS_Store"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(name.encode())
+    uri = target.stage_data(str(data))
+    assert uri.startswith(f"s3://{BUCKET}/kennel/data/pets-")
+    prefix = uri.removeprefix(f"s3://{BUCKET}/")
+    s3 = boto3.client("s3", region_name=REGION)
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"])
+    assert keys == [f"{prefix}/cat/a.png", f"{prefix}/dog/b.png"]
+    assert target.stage_data(str(data)) == uri  # same content, same place
+    (data / "dog" / "b.png").write_bytes(b"changed")
+    assert target.stage_data(str(data)) != uri  # new content never mixes with the old
+    assert target.stage_data("s3://elsewhere/images") == "s3://elsewhere/images"
+    with pytest.raises(KennelError, match="not a folder"):
+        target.stage_data(str(tmp_path / "missing"))
+
+
+def test_missing_credentials_are_one_clear_error(aws_env, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(KennelError, match="no AWS credentials found"):
+        AwsTarget(aws_config()).models()

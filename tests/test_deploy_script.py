@@ -1,0 +1,278 @@
+"""entrypoints/deploy.py: the newest Approved package on the endpoint, create or update, idempotent.
+
+moto plays SageMaker where it can (registry, models, endpoint configs, create_endpoint); it has
+no update_endpoint, so the update and replace paths run against botocore's Stubber, which
+checks every request against the API's shape just the same.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from botocore.stub import Stubber
+from kennel_support import REGION, ROLE_ARN, aws_environment
+from moto import mock_aws
+
+import deploy
+
+ENTRYPOINTS = Path(deploy.__file__).resolve().parent
+POLICY = ENTRYPOINTS.parent / "pipeline" / "execution_role_policy.json"
+GROUP, ENDPOINT = "dogs", "dogs-endpoint"
+TARGET = deploy.Target(GROUP, ENDPOINT, "ml.m5.large", 1)
+SPEC = {
+    "Containers": [{"Image": "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6-cpu-py312",
+                    "ModelDataUrl": "s3://bucket/model.tar.gz"}],
+    "SupportedContentTypes": ["image/png"],
+    "SupportedResponseMIMETypes": ["application/json"],
+}
+
+
+def no_sleep(seconds: float) -> None:
+    return None
+
+
+@pytest.fixture
+def sagemaker(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        client = boto3.client("sagemaker", region_name=REGION)
+        client.create_model_package_group(ModelPackageGroupName=GROUP)
+        yield client
+
+
+def register(client, *statuses: str) -> list[str]:
+    return [client.create_model_package(ModelPackageGroupName=GROUP, InferenceSpecification=SPEC,
+                                        ModelApprovalStatus=status)["ModelPackageArn"] for status in statuses]
+
+
+def test_nothing_approved_is_a_clean_no_op_that_says_so(sagemaker, caplog):
+    register(sagemaker, "PendingManualApproval", "Rejected")
+    with caplog.at_level("INFO", logger="kennel.deploy"):
+        plan = deploy.deploy(sagemaker, TARGET, ROLE_ARN, wait=True, sleep=no_sleep)
+    assert plan.action == deploy.NOTHING_APPROVED
+    assert f"No Approved package in model package group {GROUP!r}" in caplog.text
+    assert sagemaker.list_endpoints()["Endpoints"] == []
+    assert sagemaker.list_models()["Models"] == []
+
+
+def test_creates_the_endpoint_with_the_newest_approved_package(sagemaker):
+    arns = register(sagemaker, "Approved", "PendingManualApproval", "Approved", "Rejected")
+    plan = deploy.deploy(sagemaker, TARGET, ROLE_ARN, wait=True, poll=0, sleep=no_sleep)
+    assert (plan.action, plan.version, plan.package_arn) == (deploy.CREATE, 3, arns[2])
+    endpoint = sagemaker.describe_endpoint(EndpointName=ENDPOINT)
+    assert endpoint["EndpointStatus"] == "InService"
+    assert endpoint["EndpointConfigName"] == plan.endpoint_config_name
+    config = sagemaker.describe_endpoint_config(EndpointConfigName=plan.endpoint_config_name)
+    (variant,) = config["ProductionVariants"]
+    assert (variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == (
+        f"{GROUP}-v3", "ml.m5.large", 1)
+    model = sagemaker.describe_model(ModelName=f"{GROUP}-v3")
+    assert model["ExecutionRoleArn"] == ROLE_ARN
+    assert model["Containers"][0]["ModelPackageName"] == arns[2]
+
+
+def test_deploying_the_same_version_again_changes_nothing(sagemaker):
+    register(sagemaker, "Approved")
+    first = deploy.deploy(sagemaker, TARGET, ROLE_ARN, wait=True, sleep=no_sleep)
+    before = (sagemaker.list_models()["Models"], sagemaker.list_endpoint_configs()["EndpointConfigs"])
+    second = deploy.deploy(sagemaker, TARGET, ROLE_ARN, wait=True, sleep=no_sleep)
+    assert (first.action, second.action) == (deploy.CREATE, deploy.UP_TO_DATE)
+    assert second.endpoint_config_name == first.endpoint_config_name
+    after = (sagemaker.list_models()["Models"], sagemaker.list_endpoint_configs()["EndpointConfigs"])
+    assert [len(items) for items in after] == [len(items) for items in before] == [1, 1]
+
+
+def test_names_follow_the_version_and_the_serving_shape():
+    model, config = deploy.resource_names(TARGET, 7)
+    assert deploy.resource_names(TARGET, 7) == (model, config)
+    bigger = deploy.Target(GROUP, ENDPOINT, "ml.c5.xlarge", 2)
+    assert deploy.resource_names(bigger, 7)[0] == model
+    assert deploy.resource_names(bigger, 7)[1] != config
+    assert deploy.resource_names(TARGET, 8) != (model, config)
+    long = deploy.Target("g" * 63, "e" * 63, "ml.m5.large", 1)
+    assert all(len(name) <= 63 for name in deploy.resource_names(long, 12345))
+
+
+def test_creating_a_model_without_a_role_is_refused_clearly(sagemaker):
+    register(sagemaker, "Approved")
+    with pytest.raises(deploy.DeployError, match="--execution-role-arn"):
+        deploy.deploy(sagemaker, TARGET, "", wait=False)
+
+
+# --- update and replace, against Stubber ----------------------------------------------------------
+def not_found(stubber: Stubber, method: str, what: str) -> None:
+    stubber.add_client_error(method, "ValidationException", f'Could not find {what} "arn:aws:sagemaker:x".')
+
+
+def endpoint_response(status: str, config_name: str, reason: str = "") -> dict:
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    response = {"EndpointName": ENDPOINT, "EndpointArn": f"arn:aws:sagemaker:{REGION}:123456789012:endpoint/x",
+                "EndpointConfigName": config_name, "EndpointStatus": status, "CreationTime": now,
+                "LastModifiedTime": now}
+    if reason:
+        response["FailureReason"] = reason
+    return response
+
+
+def approved_pages(stubber: Stubber, versions: list[list[int]]) -> None:
+    """list_model_packages answered in pages, one page per list of versions."""
+    for index, page in enumerate(versions):
+        response = {"ModelPackageSummaryList": [{
+            "ModelPackageGroupName": GROUP, "ModelPackageVersion": v,
+            "ModelPackageArn": f"arn:aws:sagemaker:{REGION}:123456789012:model-package/{GROUP}/{v}",
+            "CreationTime": datetime.datetime(2026, 1, v, tzinfo=datetime.UTC),
+            "ModelPackageStatus": "Completed", "ModelApprovalStatus": "Approved"} for v in page]}
+        expected = {"ModelPackageGroupName": GROUP, "ModelApprovalStatus": "Approved", "MaxResults": 100}
+        if index:
+            expected["NextToken"] = f"page-{index}"
+        if index < len(versions) - 1:
+            response["NextToken"] = f"page-{index + 1}"
+        stubber.add_response("list_model_packages", response, expected)
+
+
+def expect_new_model_and_config(stubber: Stubber, version: int) -> tuple[str, str]:
+    model, config = deploy.resource_names(TARGET, version)
+    not_found(stubber, "describe_model", "model")
+    stubber.add_response("create_model", {"ModelArn": f"arn:aws:sagemaker:{REGION}:123456789012:model/{model}"}, {
+        "ModelName": model, "ExecutionRoleArn": ROLE_ARN,
+        "Containers": [{"ModelPackageName": f"arn:aws:sagemaker:{REGION}:123456789012:model-package/{GROUP}/{version}"}]})
+    not_found(stubber, "describe_endpoint_config", "endpoint configuration")
+    stubber.add_response("create_endpoint_config", {"EndpointConfigArn": f"arn:aws:sagemaker:{REGION}:1:x/{config}"}, {
+        "EndpointConfigName": config, "ProductionVariants": [{
+            "VariantName": "AllTraffic", "ModelName": model, "InstanceType": "ml.m5.large",
+            "InitialInstanceCount": 1, "InitialVariantWeight": 1.0}]})
+    return model, config
+
+
+@pytest.fixture
+def stubbed():
+    client = boto3.client("sagemaker", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="y")
+    with Stubber(client) as stubber:
+        yield client, stubber
+        stubber.assert_no_pending_responses()
+
+
+def update_scenario(client, stubber: Stubber) -> deploy.Plan:
+    """Version 2 serves; version 4 (on the second page of the listing) is the newest Approved."""
+    old_config = deploy.resource_names(TARGET, 2)[1]
+    stubber.add_response("describe_endpoint", endpoint_response("InService", old_config))  # not busy
+    approved_pages(stubber, [[1, 2], [4, 3]])  # the newest is on the second page
+    stubber.add_response("describe_endpoint", endpoint_response("InService", old_config), {"EndpointName": ENDPOINT})
+    _, config = expect_new_model_and_config(stubber, 4)
+    stubber.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/x"},
+                         {"EndpointName": ENDPOINT, "EndpointConfigName": config})
+    stubber.add_response("describe_endpoint", endpoint_response("Updating", config))
+    stubber.add_response("describe_endpoint", endpoint_response("InService", config))
+    return deploy.deploy(client, TARGET, ROLE_ARN, wait=True, poll=0, sleep=no_sleep)
+
+
+def replace_scenario(client, stubber: Stubber) -> deploy.Plan:
+    """The endpoint is Failed: SageMaker cannot update it, so it is deleted and created."""
+    stubber.add_response("describe_endpoint", endpoint_response("Failed", "older", "capacity"))  # not busy
+    approved_pages(stubber, [[1]])
+    stubber.add_response("describe_endpoint", endpoint_response("Failed", "older", "capacity"))
+    _, config = expect_new_model_and_config(stubber, 1)
+    stubber.add_response("delete_endpoint", {}, {"EndpointName": ENDPOINT})
+    not_found(stubber, "describe_endpoint", "endpoint")
+    stubber.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/x"},
+                         {"EndpointName": ENDPOINT, "EndpointConfigName": config})
+    stubber.add_response("describe_endpoint", endpoint_response("InService", config))
+    return deploy.deploy(client, TARGET, ROLE_ARN, wait=True, poll=0, sleep=no_sleep)
+
+
+def test_a_newer_approved_version_updates_the_endpoint_and_waits_for_in_service(stubbed):
+    plan = update_scenario(*stubbed)
+    assert (plan.action, plan.version) == (deploy.UPDATE, 4)
+
+
+def test_a_failed_endpoint_is_deleted_and_created_again(stubbed):
+    assert replace_scenario(*stubbed).action == deploy.REPLACE
+
+
+def test_a_deploy_already_in_progress_is_waited_for_not_fought(stubbed):
+    client, stubber = stubbed
+    config = deploy.resource_names(TARGET, 5)[1]
+    stubber.add_response("describe_endpoint", endpoint_response("Updating", config))
+    stubber.add_response("describe_endpoint", endpoint_response("InService", config))
+    approved_pages(stubber, [[5]])
+    stubber.add_response("describe_endpoint", endpoint_response("InService", config))
+    stubber.add_response("describe_endpoint", endpoint_response("InService", config))
+    plan = deploy.deploy(client, TARGET, ROLE_ARN, wait=True, poll=0, sleep=no_sleep)
+    assert plan.action == deploy.UP_TO_DATE
+
+
+def test_waiting_reports_why_the_endpoint_failed(stubbed):
+    client, stubber = stubbed
+    stubber.add_response("describe_endpoint", endpoint_response("Creating", "c"))
+    stubber.add_response("describe_endpoint", endpoint_response("Failed", "c", "model did not load: no code/"))
+    with pytest.raises(deploy.DeployError, match="model did not load: no code/"):
+        deploy.wait_until_stable(client, ENDPOINT, timeout=60, poll=0, sleep=no_sleep)
+
+
+def test_other_aws_errors_are_not_mistaken_for_not_found(stubbed):
+    client, stubber = stubbed
+    stubber.add_client_error("describe_endpoint", "AccessDeniedException", "not allowed")
+    with pytest.raises(ClientError, match="not allowed"):
+        deploy.describe_endpoint(client, ENDPOINT)
+
+
+def test_the_execution_role_policy_allows_every_call_deploy_makes(sagemaker, stubbed):
+    policy = json.loads(POLICY.read_text())
+    allowed = {action for statement in policy["Statement"] for action in
+               ([statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"])}
+    called: set[str] = set()
+
+    def record(model, **kwargs):
+        called.add(model.name)
+
+    client, stubber = stubbed
+    for each in (sagemaker, client):
+        each.meta.events.register("provide-client-params.sagemaker", record)
+    register(sagemaker, "Approved")
+    deploy.deploy(sagemaker, TARGET, ROLE_ARN, wait=True, sleep=no_sleep)
+    replace_scenario(client, stubber)
+    update_scenario(client, stubber)
+    assert {"CreateModel", "CreateEndpointConfig", "CreateEndpoint", "UpdateEndpoint", "DeleteEndpoint"} <= called
+    assert {f"sagemaker:{name}" for name in called} <= allowed
+
+
+# --- the script as a process ------------------------------------------------------------------------
+def run_script(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ENTRYPOINTS / "deploy.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_script_deploys_and_says_when_nothing_is_approved(aws_env, tmp_path):
+    env = {**os.environ, **aws_environment(aws_env)}
+    arguments = ("--model-package-group", GROUP, "--endpoint-name", ENDPOINT, "--execution-role-arn", ROLE_ARN,
+                 "--poll", "0")
+    client = boto3.client("sagemaker", region_name=REGION)
+    client.create_model_package_group(ModelPackageGroupName=GROUP)
+    register(client, "PendingManualApproval")
+    nothing = run_script(*arguments, env=env)
+    assert nothing.returncode == 0, nothing.stderr
+    assert "No Approved package" in nothing.stdout
+    register(client, "Approved")
+    done = run_script(*arguments, env=env)
+    assert done.returncode == 0, done.stderr
+    assert client.describe_endpoint(EndpointName=ENDPOINT)["EndpointConfigName"].startswith(f"{ENDPOINT}-v2-")
+
+
+def test_bad_arguments_end_in_one_line_and_the_job_message(tmp_path):
+    (tmp_path / "output").mkdir()
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path)}
+    result = run_script("--model-package-group", GROUP, "--endpoint-name", ENDPOINT, "--instance-count", "0",
+                        "--region", REGION, env=env)
+    assert result.returncode == 1
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and "--instance-count must be at least 1" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert "--instance-count" in (tmp_path / "output" / "message").read_text()
