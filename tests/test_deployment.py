@@ -1,0 +1,152 @@
+"""local/deployment.py: approve deploys, reject rolls back, and racing approvals deploy once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from serving_support import ENDPOINT, GROUP, Tarballs, register, sample_png, server_processes, top_label
+
+from local import deployment, endpoints
+from local.endpoints import IN_SERVICE, OUT_OF_SERVICE
+from local.registry import APPROVED, PENDING, REJECTED, LocalRegistry, RegistryError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def served_label(home: Path) -> str:
+    answer = endpoints.invoke_endpoint(home, ENDPOINT, sample_png("pullover"), "image/png")
+    assert answer.status == 200
+    return top_label(answer.body)
+
+
+def test_nothing_approved_is_a_successful_no_op(kennel_home: Path, tarballs: Tarballs) -> None:
+    register(kennel_home, tarballs.original, PENDING)
+    result = deployment.deploy_newest_approved(kennel_home, GROUP, ENDPOINT)
+    assert result.action == deployment.NOTHING_APPROVED
+    assert "No Approved package" in result.message and "kennel approve --latest" in result.message
+    assert endpoints.list_endpoints(kennel_home) == []
+    assert server_processes(kennel_home) == []
+
+
+def test_approve_serves_then_reject_rolls_back_then_stops(kennel_home: Path, tarballs: Tarballs) -> None:
+    registry = LocalRegistry(kennel_home)
+    first = register(kennel_home, tarballs.original)  # PendingManualApproval, as the pipeline registers
+    assert endpoints.list_endpoints(kennel_home) == []  # nothing serves a pending package
+
+    approved = deployment.approve(kennel_home, GROUP, "latest", "test loss is fine", endpoint_name=ENDPOINT)
+    assert (approved.model_package_version, approved.previous_status, approved.status) == (
+        1,
+        PENDING,
+        APPROVED,
+    )
+    assert approved.deployments[0].action == "created"
+    assert f"serves version 1 at {approved.deployments[0].url}" in approved.message
+    first_label = served_label(kennel_home)
+    assert first_label in tarballs.class_names
+    pid = endpoints.describe_endpoint(kennel_home, ENDPOINT).pid
+
+    register(kennel_home, tarballs.reversed)
+    second = deployment.approve(kennel_home, GROUP, 2, "better", endpoint_name=ENDPOINT)
+    assert second.deployments[0].action == "updated" and second.deployments[0].model_package_version == 2
+    assert served_label(kennel_home) != first_label
+    assert endpoints.describe_endpoint(kennel_home, ENDPOINT).pid == pid  # swapped, not restarted
+
+    # Approving an older version changes nothing: the newest Approved one keeps serving.
+    again = deployment.approve(kennel_home, GROUP, "1", "", endpoint_name=ENDPOINT)
+    assert again.deployments[0].action == "up-to-date" and again.previous_status == APPROVED
+    assert "already serves version 2" in again.message
+
+    rolled = deployment.reject(kennel_home, GROUP, 2, "mislabels pullovers")
+    assert rolled.deployments[0].action == "updated"
+    assert "rolled back from version 2 to version 1" in rolled.message
+    endpoint = endpoints.describe_endpoint(kennel_home, ENDPOINT)
+    assert (endpoint.status, endpoint.model_package_version) == (IN_SERVICE, 1)
+    assert served_label(kennel_home) == first_label
+
+    # Rejecting a version that does not serve leaves the endpoint alone.
+    register(kennel_home, tarballs.reversed)
+    assert deployment.reject(kennel_home, GROUP, 3, "never mind").deployments == []
+
+    stopped = deployment.reject(kennel_home, GROUP, 1, "all wrong")
+    assert stopped.deployments[0].action == deployment.STOPPED
+    assert "no Approved package is left" in stopped.message
+    assert endpoints.describe_endpoint(kennel_home, ENDPOINT).status == OUT_OF_SERVICE
+    assert server_processes(kennel_home) == []
+
+    history = registry.history(first["ModelPackageArn"])
+    assert [(change.from_status, change.to_status) for change in history] == [
+        (None, PENDING),
+        (PENDING, APPROVED),
+        (APPROVED, REJECTED),
+    ]
+    assert history[-1].reason == "all wrong"
+
+
+def test_unknown_versions_are_clear_errors(kennel_home: Path, tarballs: Tarballs) -> None:
+    with pytest.raises(RegistryError, match="no model package group"):
+        deployment.approve(kennel_home, GROUP, "latest", endpoint_name=ENDPOINT)
+    register(kennel_home, tarballs.original)
+    with pytest.raises(RegistryError, match=f"no model package '{GROUP}/5'"):
+        deployment.reject(kennel_home, GROUP, 5)
+    with pytest.raises(RegistryError, match="give a version number"):
+        deployment.approve(kennel_home, GROUP, "newest", endpoint_name=ENDPOINT)
+    assert endpoints.list_endpoints(kennel_home) == []
+
+
+def test_a_failed_deployment_keeps_the_approval_and_says_how_to_retry(
+    kennel_home: Path, tarballs: Tarballs, tmp_path: Path
+) -> None:
+    broken = tmp_path / "model.tar.gz"
+    broken.write_bytes(b"not a tarball")
+    register(kennel_home, broken)
+    with pytest.raises(deployment.DeploymentError) as raised:
+        deployment.approve(kennel_home, GROUP, 1, "", endpoint_name=ENDPOINT)
+    assert "version 1 is Approved, but deploying it failed" in str(raised.value)
+    assert "kennel approve --version 1" in str(raised.value)
+    assert LocalRegistry(kennel_home).describe_model_package(f"{GROUP}/1")["ModelApprovalStatus"] == APPROVED
+
+
+def test_two_processes_approving_at_once_deploy_the_newest_once(
+    kennel_home: Path, tarballs: Tarballs
+) -> None:
+    register(kennel_home, tarballs.original)
+    register(kennel_home, tarballs.reversed)
+    go = kennel_home.parent / "go"
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from pathlib import Path
+        from local import deployment
+        while not Path(sys.argv[1]).exists():
+            time.sleep(0.005)
+        result = deployment.approve(sys.argv[2], sys.argv[3], int(sys.argv[4]), "race", endpoint_name=sys.argv[5])
+        print(result.deployments[0].action)
+        """
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(go), str(kennel_home), GROUP, str(version), ENDPOINT],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for version in (1, 2)
+    ]
+    go.touch()
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+
+    actions = sorted(out.strip() for out, _ in outputs)
+    # One process created the endpoint; the other either found it serving the newest already or
+    # swapped in the newest: never a second server.
+    assert actions.count("created") == 1, actions
+    endpoint = endpoints.describe_endpoint(kennel_home, ENDPOINT)
+    assert endpoint.status == IN_SERVICE and endpoint.model_package_version == 2
+    assert [process.pid for process in server_processes(kennel_home)] == [endpoint.pid]
+    registry = LocalRegistry(kennel_home)
+    assert [p["ModelPackageVersion"] for p in registry.list_model_packages(GROUP, APPROVED)] == [1, 2]

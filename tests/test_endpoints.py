@@ -1,0 +1,229 @@
+"""local/endpoints.py: endpoint records, background servers, model swaps under load, failures."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from serving_support import (
+    ENDPOINT,
+    Tarballs,
+    not_a_tarball,
+    register,
+    sample_png,
+    server_processes,
+    tarball_without_weights,
+    top_label,
+)
+
+from local import endpoints, serving
+from local.endpoints import FAILED, IN_SERVICE, OUT_OF_SERVICE, EndpointError
+from local.files import read_json
+from local.registry import APPROVED
+
+
+def reversed_label(label: str, class_names: list[str]) -> str:
+    """What the reversed-metadata package answers for an image the original labels `label`."""
+    return class_names[::-1][class_names.index(label)]
+
+
+def test_start_records_a_detached_server_on_127_0_0_1(kennel_home: Path, tarballs: Tarballs) -> None:
+    package = register(kennel_home, tarballs.original, APPROVED)
+    deployed = endpoints.start_or_update(kennel_home, ENDPOINT, package)
+
+    endpoint = deployed.endpoint
+    assert deployed.action == "created"
+    assert endpoint.status == IN_SERVICE
+    assert urlsplit(endpoint.url).hostname == "127.0.0.1" and urlsplit(endpoint.url).port
+    assert endpoint.model_package_arn == package["ModelPackageArn"] and endpoint.model_package_version == 1
+    assert Path(endpoint.log_path).is_file()
+    assert [process.pid for process in server_processes(kennel_home)] == [endpoint.pid]
+    assert os.getsid(endpoint.pid) == endpoint.pid  # its own session: the caller's Ctrl-C does not reach it
+    assert endpoints.list_endpoints(kennel_home) == [endpoint]
+    record = read_json(endpoints.endpoint_dir(kennel_home, ENDPOINT) / endpoints.RECORD_FILE)
+    assert record["EndpointStatus"] == IN_SERVICE and record["Url"] == endpoint.url
+
+    answer = endpoints.invoke_endpoint(kennel_home, ENDPOINT, sample_png("sandal"), "image/png")
+    assert answer.status == 200 and top_label(answer.body) in tarballs.class_names
+
+    again = endpoints.start_or_update(kennel_home, ENDPOINT, package)
+    assert again.action == "up-to-date" and again.endpoint.pid == endpoint.pid
+
+
+def test_swap_under_load_drops_no_request_and_switches_package(kennel_home: Path, tarballs: Tarballs) -> None:
+    first = register(kennel_home, tarballs.original, APPROVED)
+    second = register(kennel_home, tarballs.reversed, APPROVED)
+    started = endpoints.start_or_update(kennel_home, ENDPOINT, first).endpoint
+    png = sample_png("ankle_boot")
+    answers: list[tuple[int, str | None, str | None]] = []  # status, package version, top label
+    stop = threading.Event()
+
+    def hammer() -> None:
+        parts = urlsplit(started.url)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        while not stop.is_set():
+            try:
+                connection.request(
+                    "POST",
+                    f"/endpoints/{ENDPOINT}/invocations",
+                    body=png,
+                    headers={"Content-Type": "image/png"},
+                )
+                response = connection.getresponse()
+                body = response.read()
+                label = top_label(body) if response.status == 200 else None
+                answers.append((response.status, response.getheader(serving.MODEL_VERSION_HEADER), label))
+            except (OSError, http.client.HTTPException) as error:
+                answers.append((0, None, repr(error)))
+                connection.close()
+
+    worker = threading.Thread(target=hammer)
+    worker.start()
+    try:
+        wait_until(lambda: len(answers) >= 5)
+        before = len(answers)
+        swapped = endpoints.start_or_update(kennel_home, ENDPOINT, second)
+        during = len(answers) - before
+        wait_until(lambda: len(answers) >= before + during + 5)
+    finally:
+        stop.set()
+        worker.join(60)
+
+    assert swapped.action == "updated"
+    assert swapped.endpoint.pid == started.pid  # swapped in place, not restarted
+    assert swapped.endpoint.model_package_version == 2
+    failures = [answer for answer in answers if answer[0] != 200]
+    assert failures == []
+    assert during > 0  # requests were answered while the new model loaded
+    versions = [answer[1] for answer in answers]
+    switch = versions.index("2")
+    assert set(versions[:switch]) == {"1"} and set(versions[switch:]) == {"2"}  # one clean switch
+    labels = {answer[1]: answer[2] for answer in answers}
+    assert labels["2"] == reversed_label(labels["1"], tarballs.class_names)
+    assert len(os.listdir(endpoints.endpoint_dir(kennel_home, ENDPOINT) / endpoints.MODELS_DIR)) == 1
+
+    stopped = endpoints.stop(kennel_home, ENDPOINT)
+    assert stopped.status == OUT_OF_SERVICE and stopped.url is None and stopped.pid is None
+    assert server_processes(kennel_home) == []
+    assert endpoints.ping(started.url) is None
+    assert endpoints.describe_endpoint(kennel_home, ENDPOINT).status == OUT_OF_SERVICE
+
+
+def test_a_failed_update_keeps_the_old_model_serving(kennel_home: Path, tarballs: Tarballs) -> None:
+    good = register(kennel_home, tarballs.original, APPROVED)
+    broken = register(kennel_home, tarballs.broken, APPROVED)
+    started = endpoints.start_or_update(kennel_home, ENDPOINT, good).endpoint
+
+    with pytest.raises(EndpointError) as raised:
+        endpoints.start_or_update(kennel_home, ENDPOINT, broken)
+    assert "could not load model package version 2" in str(raised.value)
+    assert "pop from empty list" in str(raised.value)  # the log tail comes along
+
+    endpoint = endpoints.describe_endpoint(kennel_home, ENDPOINT)
+    assert endpoint.status == IN_SERVICE and endpoint.pid == started.pid
+    assert endpoint.model_package_version == 1
+    assert "update to model package version 2 failed" in endpoint.failure_reason
+    answer = endpoints.invoke_endpoint(kennel_home, ENDPOINT, sample_png("bag"), "image/png")
+    assert answer.status == 200 and answer.json()["predictions"]
+
+
+def test_a_killed_server_is_not_in_service_and_starts_again(kennel_home: Path, tarballs: Tarballs) -> None:
+    package = register(kennel_home, tarballs.original, APPROVED)
+    started = endpoints.start_or_update(kennel_home, ENDPOINT, package).endpoint
+    os.kill(started.pid, signal.SIGKILL)
+    wait_until(lambda: endpoints.describe_endpoint(kennel_home, ENDPOINT).status != IN_SERVICE)
+
+    dead = endpoints.list_endpoints(kennel_home)[0]
+    assert dead.status == FAILED
+    assert f"pid {started.pid}" in dead.failure_reason and dead.url is None
+    with pytest.raises(EndpointError, match="is Failed"):
+        endpoints.invoke_endpoint(kennel_home, ENDPOINT, sample_png("bag"), "image/png")
+
+    # Started again, this time with a payload limit below the size of one sample image.
+    png = sample_png("bag")
+    limit = len(png) - 1
+    restarted = endpoints.start_or_update(kennel_home, ENDPOINT, package, max_payload_bytes=limit)
+    assert restarted.action == "created" and restarted.endpoint.status == IN_SERVICE
+    assert restarted.endpoint.pid != started.pid
+    too_large = endpoints.invoke_endpoint(kennel_home, ENDPOINT, png, "image/png")
+    assert too_large.status == 413 and f"over the {limit}-byte limit" in too_large.json()["message"]
+    under_limit = endpoints.invoke_endpoint(kennel_home, ENDPOINT, b'{"image": ', "application/json")
+    assert under_limit.status == 400 and "not valid JSON" in under_limit.json()["message"]
+
+
+def test_a_model_that_cannot_load_fails_the_start_with_the_log_tail(
+    kennel_home: Path, tarballs: Tarballs
+) -> None:
+    package = register(kennel_home, tarballs.broken, APPROVED)
+    with pytest.raises(EndpointError) as raised:
+        endpoints.start_or_update(kennel_home, ENDPOINT, package, timeout=120)
+    message = str(raised.value)
+    assert "could not load model package version 1" in message
+    assert "could not load its model" in message  # from the server's log
+
+    endpoint = endpoints.describe_endpoint(kennel_home, ENDPOINT)
+    assert endpoint.status == FAILED and endpoint.pid is None
+    assert server_processes(kennel_home) == []
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [(not_a_tarball, "is not a readable model.tar.gz"), (tarball_without_weights, "lacks model.pth")],
+)
+def test_a_bad_artifact_is_refused_before_any_server_starts(
+    kennel_home: Path, tmp_path: Path, make, words: str
+) -> None:
+    package = register(kennel_home, make(tmp_path / "model.tar.gz"), APPROVED)
+    with pytest.raises(EndpointError, match=words):
+        endpoints.start_or_update(kennel_home, ENDPOINT, package)
+    assert server_processes(kennel_home) == []
+    assert endpoints.list_endpoints(kennel_home) == []
+
+
+def test_model_data_missing_from_the_store_is_one_clear_error(kennel_home: Path, tarballs: Tarballs) -> None:
+    package = register(kennel_home, tarballs.original, APPROVED)
+    missing = {**package, "ModelDataUrl": "s3://kennel-local/nowhere/model.tar.gz"}
+    with pytest.raises(EndpointError, match="is not in the local object store"):
+        endpoints.start_or_update(kennel_home, ENDPOINT, missing)
+
+
+def test_names_and_unknown_endpoints(kennel_home: Path) -> None:
+    with pytest.raises(EndpointError, match="not valid"):
+        endpoints.describe_endpoint(kennel_home, "no_underscores")
+    with pytest.raises(EndpointError, match="no local endpoint named 'absent'"):
+        endpoints.stop(kennel_home, "absent")
+    with pytest.raises(EndpointError, match="no local endpoint named 'absent'"):
+        endpoints.invoke_endpoint(kennel_home, "absent", b"", "image/png")
+    assert endpoints.list_endpoints(kennel_home) == []
+
+
+def test_the_lock_is_reentrant_in_a_thread_and_exclusive_across_threads(kennel_home: Path) -> None:
+    order: list[str] = []
+    with endpoints.endpoint_lock(kennel_home, ENDPOINT):
+        with endpoints.endpoint_lock(kennel_home, ENDPOINT):  # the same thread again: no deadlock
+            order.append("outer")
+
+        def other() -> None:
+            with endpoints.endpoint_lock(kennel_home, ENDPOINT):
+                order.append("other")
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        time.sleep(0.3)
+        order.append("released")
+    thread.join(10)
+    assert order == ["outer", "released", "other"]
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.01)
