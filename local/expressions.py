@@ -265,6 +265,19 @@ def evaluate_conditions(conditions: list[dict], scope: Scope) -> bool:
     return all(evaluate_condition(condition, scope) for condition in conditions)
 
 
+def explain_conditions(conditions: list[dict], scope: Scope) -> list[dict]:
+    """Each condition with its operands resolved and its outcome: what the step decided on."""
+    explained = []
+    for condition in conditions:
+        entry: dict[str, Any] = {"Type": condition.get("Type")}
+        if condition.get("Type") in _COMPARISONS:
+            entry["LeftValue"] = resolve(condition.get("LeftValue"), scope)
+            entry["RightValue"] = resolve(condition.get("RightValue"), scope)
+        entry["Outcome"] = evaluate_condition(condition, scope)
+        explained.append(entry)
+    return explained
+
+
 def evaluate_condition(condition: dict, scope: Scope) -> bool:
     if not isinstance(condition, dict) or "Type" not in condition:
         raise ExpressionError(f"a condition needs a Type, got {condition!r}")

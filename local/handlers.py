@@ -4,7 +4,7 @@ A handler has one method, `run(step, arguments, context) -> StepResult`: `step` 
 JSON from the definition, `arguments` its Arguments with every expression resolved, `context`
 what the handler may use (store, job folder, log, stop signal). The runner keeps a dict
 {step type: handler}; later issues plug in RegisterModel / Endpoint / Debugger handlers by
-replacing entries of `default_handlers()`.
+replacing entries of `default_handlers(home)`.
 
 Failures carry a SageMaker exception type so that the step's RetryPolicies can match them:
 
@@ -131,29 +131,31 @@ class NotYetSupported:
         )
 
 
-REGISTRY_LATER = "the local model registry arrives with the registry-and-endpoint issue"
-ENDPOINT_LATER = "local endpoints arrive with the registry-and-endpoint issue"
+# Kennel's definition deploys through a processing step (entrypoints/deploy.py picks the newest
+# Approved package at run time); SageMaker's Model/EndpointConfig/Endpoint steps deploy a fixed
+# model, which the local endpoints do not model.
+ENDPOINT_STEPS = "use a deploy step (see steps/deploy.py), which the local runner serves from its registry"
 
 # A Processing step whose Environment sets this variable to one of these roles is not run as a
-# job: the step talks to SageMaker's control plane (register a model, deploy an endpoint) and
-# needs the local equivalent of that service instead.
+# job: the step talks to SageMaker's control plane (deploy an endpoint) and is served by the
+# local equivalent of that service (local.jobs.services) instead.
 STEP_ROLE_VARIABLE = "KENNEL_STEP_ROLE"
-SERVICE_ROLES = {"register": REGISTRY_LATER, "deploy": ENDPOINT_LATER}
 
 
-def default_handlers() -> dict[str, StepHandler]:
+def default_handlers(home: Path) -> dict[str, StepHandler]:
     """Step type -> handler for everything the local runner knows (Condition and Fail are
     evaluated by the runner itself)."""
     from local.jobs.processing import ProcessingHandler
+    from local.jobs.services import DeployHandler, RegisterModelHandler
     from local.jobs.training import TrainingHandler
     from local.jobs.tuning import TuningHandler
 
     return {
-        "Processing": ProcessingHandler(),
+        "Processing": ProcessingHandler(services={"deploy": DeployHandler(home)}),
         "Training": TrainingHandler(),
         "Tuning": TuningHandler(),
-        "RegisterModel": NotYetSupported("Model registration", REGISTRY_LATER),
-        "Model": NotYetSupported("Creating a model", ENDPOINT_LATER),
-        "EndpointConfig": NotYetSupported("An endpoint configuration", ENDPOINT_LATER),
-        "Endpoint": NotYetSupported("An endpoint", ENDPOINT_LATER),
+        "RegisterModel": RegisterModelHandler(home),
+        "Model": NotYetSupported("Creating a model", ENDPOINT_STEPS),
+        "EndpointConfig": NotYetSupported("An endpoint configuration", ENDPOINT_STEPS),
+        "Endpoint": NotYetSupported("An endpoint", ENDPOINT_STEPS),
     }

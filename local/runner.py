@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from local.cache import CacheConfigError, StepCache, cache_key, cache_settings
-from local.expressions import ExpressionError, Scope, evaluate_conditions, resolve, to_text
+from local.expressions import (
+    ExpressionError,
+    Scope,
+    evaluate_conditions,
+    explain_conditions,
+    resolve,
+    to_text,
+)
 from local.graph import GraphError, StepNode, build_graph, topological_order
 from local.handlers import (
     SERVICE_FAULT,
@@ -143,7 +150,7 @@ class Runner:
     ) -> None:
         self.home = resolve_home(home)
         self.options = options or RunOptions()
-        self.handlers = dict(handlers) if handlers is not None else default_handlers()
+        self.handlers = dict(handlers) if handlers is not None else default_handlers(self.home)
         self.progress: Progress = progress or QuietProgress()
         self.stop_event = stop_event or threading.Event()
         self.store = ObjectStore(store_root(self.home))
@@ -362,8 +369,10 @@ class _Run:
         try:
             arguments = node.step.get("Arguments") or {}
             if node.type == "Condition":
-                outcome = evaluate_conditions(arguments.get("Conditions") or [], self._scope(None))
-                result = StepResult.succeeded({"Outcome": "True" if outcome else "False"})
+                conditions = arguments.get("Conditions") or []
+                outcome = evaluate_conditions(conditions, self._scope(None))
+                result = StepResult.succeeded({"Outcome": "True" if outcome else "False"},
+                                              EvaluatedConditions=explain_conditions(conditions, self._scope(None)))
             else:
                 message = to_text(resolve(arguments.get("ErrorMessage", ""), self._scope(None)))
                 result = StepResult.failed(message or f"Fail step {node.name} was reached", "FailStep")

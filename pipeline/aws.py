@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -16,7 +18,7 @@ from pipeline import events
 from pipeline.config import KennelConfig
 from pipeline.definition import definitions, deploy_pipeline_name, pipeline_session, sdk_environment
 from pipeline.errors import KennelError
-from pipeline.targets import ExecutionStatus, ModelPackage, StepStatus, UpsertResult
+from pipeline.targets import Endpoint, ExecutionStatus, ModelPackage, StepStatus, UpsertResult
 
 log = logging.getLogger("kennel.aws")
 
@@ -301,7 +303,45 @@ class AwsTarget:
                 request["ApprovalDescription"] = reason
             sagemaker.update_model_package(**request)
             described = sagemaker.describe_model_package(ModelPackageName=package.arn)
-        return _package(described)
+        message = (f"the approval rule starts {deploy_pipeline_name(self.config)}, which serves the newest "
+                   f"Approved package on {self.config.endpoint_name}" if self.config.approval_rule else
+                   "no approval rule installed (approval_rule = false): run the pipeline's Deploy step "
+                   "or `kennel run` to update the endpoint")
+        return dataclasses.replace(_package(described), message=message)
+
+    # --- endpoints ------------------------------------------------------------------------------
+    def endpoints(self) -> list[Endpoint]:
+        """Endpoints whose name starts with the configured endpoint name."""
+        with aws_errors("endpoints"):
+            sagemaker = self.client("sagemaker")
+            summaries = sagemaker.list_endpoints(NameContains=self.config.endpoint_name,
+                                                 SortBy="CreationTime", SortOrder="Descending")["Endpoints"]
+            return [self._endpoint(sagemaker, summary["EndpointName"]) for summary in summaries]
+
+    def _endpoint(self, sagemaker: Any, name: str) -> Endpoint:
+        described = sagemaker.describe_endpoint(EndpointName=name)
+        config_name = described.get("EndpointConfigName", "")
+        # deploy.py names configs <endpoint>-v<package version>-<shape hash> (resource_names).
+        match = re.search(r"-v(\d+)-[0-9a-f]{8}$", config_name)
+        return Endpoint(name=name, status=described["EndpointStatus"],
+                        url=f"https://runtime.sagemaker.{self.config.region}.amazonaws.com/endpoints/{name}/invocations",
+                        model_package_version=int(match.group(1)) if match else None,
+                        detail=described.get("FailureReason", "") or f"config {config_name}")
+
+    def stop_endpoint(self, name: str) -> Endpoint:
+        """DeleteEndpoint (the endpoint config and model stay, so a redeploy is quick)."""
+        with aws_errors("endpoint stop"):
+            sagemaker = self.client("sagemaker")
+            endpoint = self._endpoint(sagemaker, name)
+            sagemaker.delete_endpoint(EndpointName=name)
+        return dataclasses.replace(endpoint, status="Deleting")
+
+    def predict(self, body: bytes, content_type: str, endpoint: str) -> dict[str, Any]:
+        with aws_errors("predict"):
+            runtime = self.client("sagemaker-runtime")
+            answer = runtime.invoke_endpoint(EndpointName=endpoint, Body=body, ContentType=content_type,
+                                             Accept="application/json")
+            return json.loads(answer["Body"].read())
 
     def _packages(self, sagemaker: Any) -> list[ModelPackage]:
         """Every package of the group, newest version first."""

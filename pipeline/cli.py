@@ -3,10 +3,14 @@
     kennel definition [--target T] [-o FILE]
     kennel upsert     [--target T]
     kennel run        [--target T] [--param Name=Value ...] [--data PATH_OR_S3_URI] [--wait]
+    kennel run        [--target T] --resume EXECUTION
     kennel status     [EXECUTION] [--target T] [--json]
     kennel models     [--target T] [--json]
     kennel approve    (--latest | --version N) [--reason TEXT] [--target T]
     kennel reject     (--latest | --version N) [--reason TEXT] [--target T]
+    kennel endpoints  [--target T] [--json]
+    kennel endpoint stop NAME [--target T]
+    kennel predict    IMAGE... [--endpoint NAME] [--top-k K] [--target T] [--json]
     kennel policy     [--trust]
 
 The target defaults to `target` in kennel.toml (KENNEL_TARGET), which defaults to local. The
@@ -55,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a pipeline parameter (repeatable); see docs/aws.md for the list")
     run.add_argument("--data", help="ImageFolder tree: a local folder (uploaded) or an s3:// URI")
     run.add_argument("--wait", action="store_true", help="wait for the execution to finish")
+    run.add_argument("--resume", metavar="EXECUTION",
+                     help="continue a failed or stopped execution from the steps that did not succeed")
 
-    status = commands.add_parser("status", parents=[target, as_json], help="show an execution and its steps")
+    status = commands.add_parser("status", parents=[target, as_json],
+                                 help="list the executions and show one with its steps")
     status.add_argument("execution", nargs="?", help="execution id or ARN (default: the newest)")
 
     commands.add_parser("models", parents=[target, as_json], help="list the registered model packages")
@@ -67,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
         which.add_argument("--latest", action="store_true", help="the newest package")
         which.add_argument("--version", type=int, help="package version N")
         decide.add_argument("--reason", help="recorded as the package's approval description")
+
+    commands.add_parser("endpoints", parents=[target, as_json], help="list the endpoints and what they serve")
+    endpoint = commands.add_parser("endpoint", parents=[target, as_json], help="manage one endpoint")
+    endpoint_actions = endpoint.add_subparsers(dest="action", required=True, metavar="ACTION")
+    stop = endpoint_actions.add_parser("stop", help="stop (locally) or delete (aws) an endpoint")
+    stop.add_argument("name")
+
+    predict = commands.add_parser("predict", parents=[target, as_json], help="classify images with an endpoint")
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict.add_argument("--endpoint", help="endpoint name (default: endpoint_name in kennel.toml)")
+    predict.add_argument("--top-k", type=int, default=3, help="labels to show per image (default 3)")
 
     policy = commands.add_parser("policy", help="print the execution role's IAM policy for this configuration")
     policy.add_argument("--trust", action="store_true", help="print the role's trust policy instead")
@@ -154,6 +172,13 @@ def cmd_run(args: argparse.Namespace, config: KennelConfig) -> int:
 
     parameters = parse_overrides(args.param)  # checked before anything is sent
     target = _get_target(args, config)
+    if args.resume:
+        if parameters or args.data:
+            raise KennelError("--resume continues an execution with its own parameters and data; "
+                              "drop --param/--data, or start a new run")
+        execution = target.resume(args.resume)
+        _print_json(execution.to_dict()) if args.json else _print_execution(execution)
+        return 0 if execution.status == "Succeeded" else 1
     if args.data:
         if "InputDataUri" in parameters:
             raise KennelError("give the data once: either --data or --param InputDataUri=...")
@@ -169,7 +194,23 @@ def cmd_run(args: argparse.Namespace, config: KennelConfig) -> int:
 
 
 def cmd_status(args: argparse.Namespace, config: KennelConfig) -> int:
-    execution = _get_target(args, config).status(args.execution)
+    target = _get_target(args, config)
+    if args.execution is None:
+        executions = target.executions()
+        if args.json:
+            newest = target.status(executions[0].execution_arn) if executions else None
+            _print_json({"executions": [e.to_dict() for e in executions],
+                         "newest": newest.to_dict() if newest else None})
+            return 0
+        if not executions:
+            print(f"no executions of {config.pipeline_name} yet; start one with `kennel run`")
+            return 0
+        rows = [("EXECUTION", "STATUS", "STARTED")]
+        rows += [(e.execution_id, e.status, e.started or "-") for e in executions[:10]]
+        _print_table(rows)
+        print()
+        args.execution = executions[0].execution_arn
+    execution = target.status(args.execution)
     if args.json:
         _print_json(execution.to_dict())
     else:
@@ -202,6 +243,58 @@ def cmd_decide(args: argparse.Namespace, config: KennelConfig) -> int:
         _print_json(package.to_dict())
     else:
         print(f"version {package.version} of {config.model_package_group} is now {package.approval_status}")
+        if package.message:
+            print(package.message)
+    return 0
+
+
+def cmd_endpoints(args: argparse.Namespace, config: KennelConfig) -> int:
+    endpoints = _get_target(args, config).endpoints()
+    if args.json:
+        _print_json([endpoint.to_dict() for endpoint in endpoints])
+        return 0
+    if not endpoints:
+        print("no endpoints yet; approving a model package deploys one (kennel approve --latest)")
+        return 0
+    rows = [("NAME", "STATUS", "URL", "PACKAGE", "DETAIL")]
+    rows += [(e.name, e.status, e.url or "-", str(e.model_package_version or "-"), e.detail) for e in endpoints]
+    _print_table(rows)
+    return 0
+
+
+def cmd_endpoint(args: argparse.Namespace, config: KennelConfig) -> int:
+    endpoint = _get_target(args, config).stop_endpoint(args.name)
+    if args.json:
+        _print_json(endpoint.to_dict())
+    else:
+        print(f"endpoint {endpoint.name} is {endpoint.status}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, config: KennelConfig) -> int:
+    import base64
+
+    if args.top_k < 1:
+        raise KennelError(f"--top-k {args.top_k}: give 1 or more")
+    target = _get_target(args, config)
+    endpoint = args.endpoint or config.endpoint_name
+    answers = []
+    for image in args.images:
+        try:
+            data = image.read_bytes()
+        except OSError as error:
+            raise KennelError(f"{image}: cannot read it ({error.strerror})") from None
+        # JSON carries top_k; the image itself travels base64-encoded, as the endpoint documents.
+        body = json.dumps({"image": base64.b64encode(data).decode("ascii"), "top_k": args.top_k}).encode()
+        answer = target.predict(body, "application/json", endpoint)
+        answers.append({"image": str(image), "predictions": answer.get("predictions", [])})
+    if args.json:
+        _print_json(answers)
+        return 0
+    for answer in answers:
+        print(answer["image"])
+        for prediction in answer["predictions"]:
+            print(f"  {prediction['probability']:7.2%}  {prediction['label']}")
     return 0
 
 
@@ -220,6 +313,10 @@ def _get_target(args: argparse.Namespace, config: KennelConfig) -> Any:
 
 
 def _print_execution(execution: Any) -> None:
+    if execution.steps_shown:  # the run's own display already showed every step and the summary
+        for note in execution.notes:
+            print(f"  {note}")
+        return
     print(f"execution {execution.execution_id}  {execution.status}  started {execution.started or '-'}")
     if execution.failure_reason:
         print(f"  failure: {execution.failure_reason}")
@@ -227,11 +324,14 @@ def _print_execution(execution: Any) -> None:
         print("  parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(execution.parameters.items())))
     if execution.steps:
         rows = [("  STEP", "STATUS", "STARTED", "ENDED")]
-        rows += [(f"  {s.name}", s.status, s.started or "-", s.ended or "-") for s in execution.steps]
+        rows += [(f"  {s.name}", s.status + (" (cached)" if s.cached else ""), s.started or "-", s.ended or "-")
+                 for s in execution.steps]
         _print_table(rows)
         for step in execution.steps:
             if step.failure_reason:
                 print(f"  {step.name} failed: {step.failure_reason}")
+            if step.log_path and step.status != "Succeeded":
+                print(f"  {step.name} log: {step.log_path}")
     for note in execution.notes:
         print(f"  ({note})")
 
@@ -256,4 +356,7 @@ COMMANDS = {
     "approve": cmd_decide,
     "reject": cmd_decide,
     "policy": cmd_policy,
+    "endpoints": cmd_endpoints,
+    "endpoint": cmd_endpoint,
+    "predict": cmd_predict,
 }

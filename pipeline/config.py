@@ -7,7 +7,8 @@ falls back to AWS_REGION / AWS_DEFAULT_REGION, as the AWS tools do.
 
 In the TOML file each field lives in a section ([aws], [pipeline], [instances], [images],
 [training], [tuning], [debugger]) under its own name, so a name means the same thing in the
-file, in the environment and in the code.
+file, in the environment and in the code. A [local] section may repeat any of those names: its
+values apply to the local target only (small, CPU-sized settings), below the environment.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pipeline.errors import KennelError
 
 CONFIG_ENV = "KENNEL_CONFIG"
 CONFIG_FILE = "kennel.toml"
+LOCAL_SECTION = "local"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS = ("local", "aws")
@@ -116,6 +118,8 @@ class KennelConfig:
     min_epochs: int = _f("tuning", 1, "fewest epochs a tuning trial may use")
     # [debugger]
     debug_save_interval: int = _f("debugger", 10, "save tensors every N steps")
+    # [local]: (name, value) pairs that for_target("local") applies; see load_config.
+    local_overrides: tuple[tuple[str, Any], ...] = field(default=(), metadata={"section": None, "help": ""})
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -135,10 +139,13 @@ class KennelConfig:
         _check_choice("target", target, TARGETS)
         if target == "local":
             bucket, role = LOCAL_BUCKET, LOCAL_ROLE_ARN
+            local = dict(self.local_overrides)
         else:
             bucket, role = PLACEHOLDER_BUCKET, PLACEHOLDER_ROLE_ARN
+            local = {}
         return dataclasses.replace(
-            self, target=target, bucket=self.bucket or bucket, role_arn=self.role_arn or role
+            self, **local, local_overrides=(), target=target,
+            bucket=self.bucket or bucket, role_arn=self.role_arn or role,
         )
 
     def require_aws(self) -> None:
@@ -153,7 +160,8 @@ class KennelConfig:
 
 
 def config_fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(KennelConfig))
+    """The settings a file or the environment can set (not the derived local_overrides)."""
+    return [f for f in dataclasses.fields(KennelConfig) if f.metadata.get("section") is not None]
 
 
 def env_name(field_name: str) -> str:
@@ -179,17 +187,24 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     environ = os.environ if environ is None else environ
     path = path if path is not None else find_config_file(environ)
     values: dict[str, Any] = {}
+    local: dict[str, Any] = {}
     if path is not None:
-        values.update(_read_toml(path))
-    values.update(_read_environment(environ))
+        values, local = _read_toml(path)
+    environment = _read_environment(environ)
+    values.update(environment)
+    # The environment outranks the file, its [local] section included.
+    values["local_overrides"] = tuple((k, v) for k, v in local.items() if k not in environment)
     try:
-        return KennelConfig(**values)
+        config = KennelConfig(**values)
+        config.for_target("local")  # validate the local settings now, not at the first local command
+        return config
     except ConfigError as error:
         source = f" (from {path} and the environment)" if path else " (from the environment)"
         raise ConfigError(f"{error}{source}") from None
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(settings, [local] settings) from the file, each coerced to its field's type."""
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
@@ -197,14 +212,26 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error}); fix the syntax") from None
     by_section = {(f.metadata["section"], f.name): f for f in config_fields()}
+    by_name = {f.name: f for f in config_fields()}
     values: dict[str, Any] = {}
+    local: dict[str, Any] = {}
     for key, value in document.items():
-        if isinstance(value, dict):
+        if key == LOCAL_SECTION and isinstance(value, dict):
+            for name, item in value.items():
+                if name not in by_name or name == "target":
+                    raise ConfigError(f"{path}: unknown setting [local] {name}; [local] takes the names "
+                                      f"of the other sections' settings")
+                local[name] = item
+        elif isinstance(value, dict):
             for name, item in value.items():
                 values[_toml_field(path, by_section, key, name).name] = item
         else:
             values[_toml_field(path, by_section, "", key).name] = value
-    return {name: _coerce(name, value, f"{path}") for name, value in values.items()}
+    return _coerce_all(values, f"{path}"), _coerce_all(local, f"{path} [local]")
+
+
+def _coerce_all(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    return {name: _coerce(name, value, source) for name, value in values.items()}
 
 
 def _toml_field(path: Path, by_section: dict, section: str, name: str) -> dataclasses.Field:

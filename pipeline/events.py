@@ -1,9 +1,10 @@
-"""The "package approved" EventBridge rule, as code.
+"""The "package approved or rejected" EventBridge rule, as code.
 
-When a person approves a package of Kennel's model package group, SageMaker emits a
+When a person approves or rejects a package of Kennel's model package group, SageMaker emits a
 "SageMaker Model Package State Change" event. This rule matches it and starts the one-step
-deploy pipeline (the same entrypoints/deploy.py the main pipeline runs), so an approval puts
-the newest Approved package on the endpoint without anyone running a command.
+deploy pipeline (the same entrypoints/deploy.py the main pipeline runs), which serves the newest
+Approved package: an approval puts it on the endpoint, and rejecting the package that serves
+rolls the endpoint back to the previous approved one, without anyone running a command.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def approval_event_pattern(config: KennelConfig) -> dict[str, Any]:
         "detail-type": ["SageMaker Model Package State Change"],
         "detail": {
             "ModelPackageGroupName": [config.model_package_group],
-            "ModelApprovalStatus": ["Approved"],
+            "ModelApprovalStatus": ["Approved", "Rejected"],
         },
     }
 

@@ -29,6 +29,8 @@ class StepStatus:
     started: str = ""
     ended: str = ""
     failure_reason: str = ""
+    log_path: str = ""  # local target: the step's job log
+    cached: bool = False  # the step reused a cached result
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class ExecutionStatus:
     parameters: dict[str, str] = field(default_factory=dict)
     steps: list[StepStatus] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. why the steps could not be listed
+    steps_shown: bool = False  # the target already printed each step live (local --wait)
 
     @property
     def execution_id(self) -> str:
@@ -61,6 +64,20 @@ class ModelPackage:
     arn: str
     created: str = ""
     approval_description: str = ""
+    message: str = ""  # what the decision did, e.g. the endpoint it deployed or rolled back
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    status: str  # InService, Creating, Updating, Failed, OutOfService, ...
+    url: str = ""
+    model_package_arn: str = ""
+    model_package_version: int | None = None
+    detail: str = ""  # failure reason, log path, instance type
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,6 +107,14 @@ class Target(Protocol):
 
     def start(self, parameters: Mapping[str, str], wait: bool) -> ExecutionStatus: ...
 
+    def resume(self, execution_id: str) -> ExecutionStatus:
+        """Continue a failed or stopped execution from the steps that did not succeed."""
+        ...
+
+    def executions(self) -> list[ExecutionStatus]:
+        """The pipeline's executions, newest first (without their steps)."""
+        ...
+
     def status(self, execution: str | None) -> ExecutionStatus: ...
 
     def models(self) -> list[ModelPackage]: ...
@@ -97,6 +122,14 @@ class Target(Protocol):
     def approve(self, version: int | None, reason: str | None) -> ModelPackage: ...
 
     def reject(self, version: int | None, reason: str | None) -> ModelPackage: ...
+
+    def endpoints(self) -> list[Endpoint]: ...
+
+    def stop_endpoint(self, name: str) -> Endpoint: ...
+
+    def predict(self, body: bytes, content_type: str, endpoint: str) -> dict[str, Any]:
+        """The endpoint's JSON answer to one request."""
+        ...
 
 
 def get_target(name: str, config: KennelConfig) -> Target:

@@ -126,7 +126,7 @@ def inference_image(config: KennelConfig) -> str:
 
 
 def framework_processor(ctx: StepContext, base_job_name: str, instance_type: Any, instance_count: Any,
-                        image_uri: str | None = None) -> Any:
+                        image_uri: str | None = None, env: dict[str, str] | None = None) -> Any:
     return FrameworkProcessor(
         image_uri=image_uri or processing_image(ctx.config),
         role=ctx.config.role_arn,
@@ -134,7 +134,7 @@ def framework_processor(ctx: StepContext, base_job_name: str, instance_type: Any
         instance_count=instance_count,
         base_job_name=base_job_name,
         sagemaker_session=ctx.session,
-        env={"PYTHONUNBUFFERED": "1"},
+        env={"PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
 

@@ -14,6 +14,9 @@ from sagemaker.mlops.workflow.steps import ProcessingStep, Step
 from steps.common import StepContext, framework_processor, job_retry_policies
 
 NAME = "Deploy"
+# The local runner serves this step from its own registry and endpoints instead of running
+# deploy.py against the SageMaker API; this marker in the job's environment is how it knows.
+LOCAL_STEP_ROLE = {"KENNEL_STEP_ROLE": "deploy"}
 
 
 def deploy_arguments(ctx: StepContext) -> list:
@@ -32,7 +35,7 @@ def deploy_arguments(ctx: StepContext) -> list:
 def deploy_step(ctx: StepContext, depends_on: list[Step] | None = None) -> ProcessingStep:
     """Not cached: whether anything is approved changes outside the pipeline."""
     processor = framework_processor(ctx, f"{ctx.config.pipeline_name}-deploy",
-                                    ctx.config.deploy_instance_type, 1)
+                                    ctx.config.deploy_instance_type, 1, env=LOCAL_STEP_ROLE)
     step_args = processor.run(code="deploy.py", source_dir=ctx.source_dir, arguments=deploy_arguments(ctx))
     return ProcessingStep(
         name=NAME,

@@ -82,7 +82,7 @@ def test_upsert_creates_the_group_and_the_approval_rule(upserted):
     pattern = json.loads(rule["EventPattern"])
     assert pattern["detail-type"] == ["SageMaker Model Package State Change"]
     assert pattern["detail"] == {"ModelPackageGroupName": [config.model_package_group],
-                                 "ModelApprovalStatus": ["Approved"]}
+                                 "ModelApprovalStatus": ["Approved", "Rejected"]}
     (rule_target,) = events.list_targets_by_rule(Rule="kennel-package-approved")["Targets"]
     deploy_pipeline = sagemaker().describe_pipeline(PipelineName="kennel-deploy")
     assert rule_target["Arn"] == deploy_pipeline["PipelineArn"]

@@ -439,8 +439,8 @@ def test_invalid_input_is_one_clear_error_before_anything_runs(home: Path) -> No
     ("step", "words"),
     [
         (
-            {"Name": "Register", "Type": "RegisterModel", "Arguments": {}},
-            "Model registration (step 'Register', type RegisterModel) is not yet supported locally",
+            {"Name": "Serve", "Type": "Endpoint", "Arguments": {}},
+            "An endpoint (step 'Serve', type Endpoint) is not yet supported locally",
         ),
         (
             {"Name": "Transform", "Type": "Transform", "Arguments": {}},
@@ -454,12 +454,19 @@ def test_steps_not_supported_locally_stop_with_a_clear_message(home: Path, step:
     assert words in execution.steps[step["Name"]].failure_reason
 
 
-def test_a_deploy_flagged_processing_step_is_not_run(home: Path, tmp_path: Path) -> None:
-    step = processing_step(
-        home, "Deploy", COUNTED, environment={"PROBE": str(tmp_path), "KENNEL_STEP_ROLE": "deploy"}
-    )
+@pytest.mark.parametrize(
+    ("role", "words"),
+    [
+        ("deploy", "the deploy step's arguments lack --model-package-group, --endpoint-name"),
+        ("sing", "KENNEL_STEP_ROLE=sing: no local service for this step role (known: deploy)"),
+    ],
+)
+def test_a_service_flagged_processing_step_is_served_not_run(
+    home: Path, tmp_path: Path, role: str, words: str
+) -> None:
+    step = processing_step(home, "Deploy", COUNTED, environment={"PROBE": str(tmp_path), "KENNEL_STEP_ROLE": role})
     execution = run_pipeline(definition(step), {}, home, options=FAST)
-    assert "is not yet supported locally" in execution.steps["Deploy"].failure_reason
+    assert words in execution.steps["Deploy"].failure_reason
     assert not (tmp_path / "runs").exists()
 
 

@@ -23,13 +23,13 @@ from typing import Any
 from local.files import extract_tarball, read_json, write_json_atomic
 from local.handlers import (
     ALGORITHM_ERROR,
+    CLIENT_ERROR,
     JOB_INTERNAL_ERROR,
     SERVICE_FAULT,
-    SERVICE_ROLES,
     STEP_ROLE_VARIABLE,
-    NotYetSupported,
     StepContext,
     StepFailure,
+    StepHandler,
     StepResult,
 )
 from local.jobs.container import (
@@ -53,10 +53,17 @@ _RUNPROC_RUN = re.compile(r"^\s*(?:python3?|\$\{?\w+\}?)\s+(\S+)\s+\"\$@\"\s*$",
 
 
 class ProcessingHandler:
+    def __init__(self, services: dict[str, StepHandler] | None = None) -> None:
+        # KENNEL_STEP_ROLE value -> the handler that serves such a step instead of a job.
+        self.services = services or {}
+
     def run(self, step: dict, arguments: dict, context: StepContext) -> StepResult:
         role = str((arguments.get("Environment") or {}).get(STEP_ROLE_VARIABLE, "")).lower()
-        if role in SERVICE_ROLES:
-            return NotYetSupported(f"A {role} step", SERVICE_ROLES[role]).run(step, arguments, context)
+        if role:
+            if role not in self.services:
+                return StepResult.failed(f"{STEP_ROLE_VARIABLE}={role}: no local service for this step role "
+                                         f"(known: {', '.join(sorted(self.services)) or 'none'})", CLIENT_ERROR)
+            return self.services[role].run(step, arguments, context)
         started = now()
         properties = describe(arguments, context, status="InProgress", started=started)
         _write_config(arguments, context)
