@@ -176,14 +176,16 @@ def cmd_run(args: argparse.Namespace, config: KennelConfig) -> int:
         if parameters or args.data:
             raise KennelError("--resume continues an execution with its own parameters and data; "
                               "drop --param/--data, or start a new run")
-        execution = target.resume(args.resume)
+        with _progress_to_stderr(args.json):
+            execution = target.resume(args.resume)
         _print_json(execution.to_dict()) if args.json else _print_execution(execution)
         return 0 if execution.status == "Succeeded" else 1
     if args.data:
         if "InputDataUri" in parameters:
             raise KennelError("give the data once: either --data or --param InputDataUri=...")
         parameters["InputDataUri"] = target.stage_data(args.data)
-    execution = target.start(parameters, args.wait)
+    with _progress_to_stderr(args.json):
+        execution = target.start(parameters, args.wait)
     if args.json:
         _print_json(execution.to_dict())
     else:
@@ -191,6 +193,11 @@ def cmd_run(args: argparse.Namespace, config: KennelConfig) -> int:
     if args.wait and execution.status != "Succeeded":
         return 1
     return 0
+
+
+def _progress_to_stderr(as_json: bool) -> contextlib.AbstractContextManager:
+    """With --json, stdout holds only the JSON document: a live run's progress goes to stderr."""
+    return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
 
 
 def cmd_status(args: argparse.Namespace, config: KennelConfig) -> int:

@@ -1,0 +1,209 @@
+"""The local target end to end through the `kennel` CLI, on the bundled sample, small settings.
+
+One state folder for the module, in the order a user lives it:
+  1. `kennel run` in the background, SIGKILL the runner mid-tuning/training, `kennel run --resume`;
+  2. the finished execution: step statuses, tuned hyperparameters reaching training, the
+     condition deciding on evaluation.json's loss, the package registered PendingManualApproval
+     and no endpoint serving it;
+  3. approve: the endpoint serves it; `kennel predict` and boto3's sagemaker-runtime agree;
+  4. a second run reuses the cached steps and registers version 2; approving it swaps the
+     endpoint; rejecting it rolls the endpoint back to version 1;
+  5. an impossible threshold ends in the Fail step with the loss and threshold in its message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = REPO_ROOT / "data" / "sample"
+CLASSES = sorted(folder.name for folder in (SAMPLE / "test").iterdir())
+# Small enough for CI on 2 cores, real enough to exercise tuning (2 trials at once) and training.
+# One epoch at 64 px is a weak model, so the gate is set above chance level (ln 10 = 2.3):
+# this file tests the mechanics; test_scripts_end_to_end tests the quality of the defaults.
+THRESHOLD = 3.0
+SMALL = ["TuningMaxJobs=2", "TuningMaxParallelJobs=2", "Epochs=1", "ImageSize=64", f"TestLossThreshold={THRESHOLD}"]
+
+pytestmark = pytest.mark.slow
+
+
+def kennel_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KENNEL_", "SAGEMAKER_", "SM_"))}
+    return {**env, "KENNEL_HOME": str(home), "HOME": str(home.parent)}
+
+
+def kennel(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT, env=kennel_env(home),
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def params(*pairs: str) -> list[str]:
+    return [arg for pair in pairs for arg in ("--param", pair)]
+
+
+def status_json(home: Path, execution: str) -> dict:
+    result = kennel(home, "status", execution, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def step_statuses(home: Path, execution: str) -> dict[str, str]:
+    return {step["name"]: step["status"] for step in status_json(home, execution)["steps"]}
+
+
+def step_record(home: Path, execution: str, step: str) -> dict:
+    return json.loads((home / "executions" / execution / "steps" / f"{step}.json").read_text())
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("kennel") / ".kennel"
+    yield home
+    kennel(home, "endpoint", "stop", "kennel-endpoint", timeout=60)  # never leave a server behind
+
+
+@pytest.fixture(scope="module")
+def first_execution(home: Path) -> str:
+    """A run killed with SIGKILL while a job runs, then resumed to the end."""
+    started = kennel(home, "run", *params(*SMALL), "--json")
+    assert started.returncode == 0, started.stderr
+    execution = json.loads(started.stdout)["execution_id"]
+    record = home / "executions" / execution / "execution.json"
+    runner_pid = json.loads(record.read_text())["Runner"]["Pid"]
+
+    def a_job_is_running() -> bool:
+        statuses = step_statuses(home, execution)
+        return statuses.get("Tune") == "Executing" or statuses.get("TrainWithDebugger") == "Executing"
+
+    wait_for(a_job_is_running, 300, "tuning or training to start")
+    time.sleep(3)  # let the job get going: the resume must cope with work in flight
+    os.kill(runner_pid, signal.SIGKILL)
+    wait_for(lambda: status_json(home, execution)["status"] != "Executing", 30, "the execution to read as ended")
+    interrupted = status_json(home, execution)
+    assert any("resume with: kennel run --resume" in note for note in interrupted["notes"]), interrupted
+
+    resumed = kennel(home, "run", "--resume", execution)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return execution
+
+
+def test_a_killed_run_resumes_and_finishes(home: Path, first_execution: str) -> None:
+    statuses = step_statuses(home, first_execution)
+    assert statuses == {name: "Succeeded" for name in (
+        "PrepareData", "Tune", "TrainWithDebugger", "Evaluate", "CheckTestLoss", "Register", "Deploy")}
+    assert json.loads((home / "executions" / first_execution / "execution.json").read_text())["ResumeCount"] == 1
+
+
+def test_tuned_hyperparameters_reach_training_and_the_condition_reads_the_evaluation(
+    home: Path, first_execution: str
+) -> None:
+    tune = step_record(home, first_execution, "Tune")["Properties"]
+    train = step_record(home, first_execution, "TrainWithDebugger")["Properties"]
+    tuned = tune["BestTrainingJob"]["TunedHyperParameters"]
+    assert set(tuned) == {"lr", "batch-size", "epochs"}
+    assert {name: train["HyperParameters"][name] for name in tuned} == tuned
+    assert len(tune["TrainingJobSummaries"]) == 2
+
+    evaluate = step_record(home, first_execution, "Evaluate")["Properties"]
+    uri = next(o["S3Output"]["S3Uri"] for o in evaluate["ProcessingOutputConfig"]["Outputs"]
+               if o["OutputName"] == "evaluation")
+    bucket_and_key = uri.removeprefix("s3://").rstrip("/")
+    evaluation = json.loads((home / "s3" / bucket_and_key / "evaluation.json").read_text())
+    loss = evaluation["multiclass_classification_metrics"]["loss"]["value"]
+    (condition,) = step_record(home, first_execution, "CheckTestLoss")["Metadata"]["EvaluatedConditions"]
+    assert condition["Type"] == "LessThanOrEqualTo"
+    assert float(condition["LeftValue"]) == pytest.approx(loss)
+    assert float(condition["RightValue"]) == THRESHOLD and condition["Outcome"] is True
+
+
+def test_the_package_waits_for_approval_and_nothing_serves_it(home: Path, first_execution: str) -> None:
+    models = json.loads(kennel(home, "models", "--json").stdout)
+    assert [(m["version"], m["approval_status"]) for m in models] == [(1, "PendingManualApproval")]
+    deploy = step_record(home, first_execution, "Deploy")["Properties"]
+    assert deploy["Deployment"]["Action"] == "nothing-approved"
+    assert json.loads(kennel(home, "endpoints", "--json").stdout) == []
+
+
+def predict(home: Path, image: Path) -> list[dict]:
+    result = kennel(home, "predict", str(image), "--top-k", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    (answer,) = json.loads(result.stdout)
+    return answer["predictions"]
+
+
+def test_approving_serves_the_model_and_boto3_gets_the_same_answer(home: Path, first_execution: str) -> None:
+    approved = kennel(home, "approve", "--latest", "--reason", "reviewed the metrics")
+    assert approved.returncode == 0, approved.stderr
+    assert "is now Approved" in approved.stdout and "serves version 1" in approved.stdout
+    (endpoint,) = json.loads(kennel(home, "endpoints", "--json").stdout)
+    assert endpoint["status"] == "InService" and endpoint["model_package_version"] == 1
+
+    image = sorted((SAMPLE / "test" / "sneaker").iterdir())[0]
+    predictions = predict(home, image)
+    assert len(predictions) == 3 and predictions[0]["label"] in CLASSES
+
+    import boto3
+
+    runtime = boto3.client("sagemaker-runtime", region_name="us-east-1", endpoint_url=endpoint["url"],
+                           aws_access_key_id="local", aws_secret_access_key="local")
+    answer = runtime.invoke_endpoint(EndpointName="kennel-endpoint", ContentType="image/png", Body=image.read_bytes())
+    via_boto3 = json.loads(answer["Body"].read())["predictions"]
+    assert via_boto3[0]["label"] == predictions[0]["label"]
+    assert via_boto3[0]["probability"] == pytest.approx(predictions[0]["probability"], abs=1e-6)
+
+
+def test_a_second_run_hits_the_cache_and_rejecting_rolls_back(home: Path, first_execution: str) -> None:
+    second = kennel(home, "run", "--wait", *params(*SMALL), "--json")
+    assert second.returncode == 0, second.stderr[-3000:]
+    execution = json.loads(second.stdout)["execution_id"]
+    steps = {step["name"]: step for step in status_json(home, execution)["steps"]}
+    assert all(steps[name]["cached"] for name in ("PrepareData", "Tune", "TrainWithDebugger", "Evaluate"))
+    assert not steps["Register"]["cached"]
+
+    assert kennel(home, "approve", "--version", "2").returncode == 0
+    (endpoint,) = json.loads(kennel(home, "endpoints", "--json").stdout)
+    assert endpoint["model_package_version"] == 2
+
+    rejected = kennel(home, "reject", "--version", "2", "--reason", "regression on sneakers")
+    assert rejected.returncode == 0, rejected.stderr
+    (endpoint,) = json.loads(kennel(home, "endpoints", "--json").stdout)
+    assert endpoint["status"] == "InService" and endpoint["model_package_version"] == 1
+    models = {m["version"]: m["approval_status"] for m in json.loads(kennel(home, "models", "--json").stdout)}
+    assert models == {1: "Approved", 2: "Rejected"}
+
+
+def test_an_impossible_threshold_ends_in_the_fail_step(home: Path, first_execution: str) -> None:
+    result = kennel(home, "run", "--wait", *params(*SMALL[:-1], "TestLossThreshold=0.0001"))
+    assert result.returncode == 1
+    assert "is above TestLossThreshold 0.0001" in result.stdout, result.stdout[-2000:]
+    execution = json.loads(kennel(home, "status", "--json").stdout)["newest"]
+    assert execution["status"] == "Failed"
+    fail = next(step for step in execution["steps"] if step["name"] == "Fail")
+    assert "0.0001" in fail["failure_reason"]
+    assert not any(step["name"] == "Register" for step in execution["steps"])
+
+
+def test_unknown_parameters_and_wrong_types_are_one_clear_error(home: Path) -> None:
+    unknown = kennel(home, "run", "--param", "Epoch=3")
+    assert unknown.returncode != 0 and "no such pipeline parameter" in unknown.stderr
+    assert "Traceback" not in unknown.stderr and len(unknown.stderr.strip().splitlines()) == 1
+    wrong = kennel(home, "run", "--param", "Epochs=many")
+    assert wrong.returncode != 0 and "Epochs must be an integer" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
