@@ -15,7 +15,8 @@ IMAGE ?=
 TARGET_FLAG := $(if $(TARGET),--target $(TARGET),)
 
 .PHONY: install test lint bench sample lock clean \
-        pipeline-definition pipeline-upsert pipeline-run pipeline-status approve reject models
+        pipeline-definition pipeline-upsert pipeline-run pipeline-status approve reject models \
+        endpoints predict
 
 install: $(STAMP)
 
@@ -30,6 +31,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Speed and overhead figures, each measured against its target and written to bench/results/.
+bench: $(STAMP)
+	$(PY) bench/pipeline.py
+	$(PY) bench/serving.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -49,7 +55,9 @@ pipeline-definition: $(STAMP)
 pipeline-upsert: $(STAMP)
 	$(KENNEL) upsert $(TARGET_FLAG)
 
+# Upsert first, so the run uses the code as it is now (a run executes the upserted definition).
 pipeline-run: $(STAMP)
+	$(KENNEL) upsert $(TARGET_FLAG)
 	$(KENNEL) run $(TARGET_FLAG) --wait $(if $(DATA),--data $(DATA),) $(foreach p,$(PARAMS),--param $(p))
 
 pipeline-status: $(STAMP)
@@ -63,6 +71,14 @@ approve: $(STAMP)
 
 reject: $(STAMP)
 	$(KENNEL) reject $(TARGET_FLAG) --latest
+
+endpoints: $(STAMP)
+	$(KENNEL) endpoints $(TARGET_FLAG)
+
+# make predict IMAGE=data/sample/test/bag/t10k-00018.png
+predict: $(STAMP)
+	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=path/to/image.png"; exit 2; }
+	$(KENNEL) predict $(TARGET_FLAG) $(IMAGE)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache pipeline-definition.json

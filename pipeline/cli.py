@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", parents=[target, as_json], help="start a pipeline execution")
     run.add_argument("--param", action="append", default=[], metavar="Name=Value",
-                     help="override a pipeline parameter (repeatable); see docs/aws.md for the list")
+                     help="override a pipeline parameter (repeatable); see README.md for the list")
     run.add_argument("--data", help="ImageFolder tree: a local folder (uploaded) or an s3:// URI")
     run.add_argument("--wait", action="store_true", help="wait for the execution to finish")
     run.add_argument("--resume", metavar="EXECUTION",

@@ -3,7 +3,7 @@
 `SPECS` is the single declaration: name, type, default (taken from the configuration) and what
 the parameter does. `declare` turns it into SageMaker SDK parameter objects for the definition;
 `parse_overrides` checks `kennel run --param Name=Value` against it before anything is sent, and
-docs/aws.md describes the same table. Importing this module does not import the SDK.
+README.md ("The pipeline parameters") describes the same table. Importing this module does not import the SDK.
 """
 
 from __future__ import annotations
