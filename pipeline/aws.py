@@ -230,6 +230,34 @@ class AwsTarget:
                 arn = f"{pipeline_arn}/execution/{execution}"
             return self._describe(sagemaker, arn)
 
+    def executions(self) -> list[ExecutionStatus]:
+        """The pipeline's most recent executions, newest first (without their steps)."""
+        with aws_errors("status"):
+            sagemaker = self.client("sagemaker")
+            self._require_pipeline(sagemaker)
+            summaries = sagemaker.list_pipeline_executions(
+                PipelineName=self.config.pipeline_name, SortBy="CreationTime", SortOrder="Descending",
+                MaxResults=20)["PipelineExecutionSummaries"]
+        # Newest first; equal times go to the one listed later, as in _newest (emulators list oldest first).
+        summaries = [summary for _, summary in sorted(
+            enumerate(summaries), key=lambda pair: (pair[1].get("StartTime") or _EPOCH, pair[0]), reverse=True)]
+        return [
+            ExecutionStatus(execution_arn=summary["PipelineExecutionArn"], pipeline_name=self.config.pipeline_name,
+                            status=summary.get("PipelineExecutionStatus", ""), started=_iso(summary.get("StartTime")))
+            for summary in summaries
+        ]
+
+    def resume(self, execution_id: str) -> ExecutionStatus:
+        """RetryPipelineExecution: SageMaker re-runs the failed steps and keeps what succeeded."""
+        with aws_errors("resume"):
+            sagemaker = self.client("sagemaker")
+            pipeline_arn = self._require_pipeline(sagemaker)
+            arn = execution_id if execution_id.startswith("arn:") else f"{pipeline_arn}/execution/{execution_id}"
+            sagemaker.retry_pipeline_execution(PipelineExecutionArn=arn,
+                                               ClientRequestToken=hashlib.sha256(f"{arn}{time.time()}".encode())
+                                               .hexdigest()[:32])
+            return self._describe(sagemaker, arn)
+
     def _require_pipeline(self, sagemaker: Any) -> str:
         from botocore.exceptions import ClientError
 

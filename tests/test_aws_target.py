@@ -184,3 +184,54 @@ def test_missing_credentials_are_one_clear_error(aws_env, monkeypatch):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(KennelError, match="no AWS credentials found"):
         AwsTarget(aws_config()).models()
+
+
+def test_executions_lists_newest_first(upserted):
+    first = upserted.start({"Epochs": "1"}, wait=False)
+    second = upserted.start({"Epochs": "2"}, wait=False)
+    listed = upserted.executions()
+    assert [e.execution_arn for e in listed] == [second.execution_arn, first.execution_arn]
+    assert all(e.steps == [] and e.status for e in listed)
+
+
+def test_resume_asks_sagemaker_to_retry_the_execution(upserted, monkeypatch):
+    """moto has no RetryPipelineExecution: the request is checked against botocore's shapes."""
+    from botocore.stub import ANY, Stubber
+
+    execution = upserted.start({}, wait=False)
+    client = upserted.client("sagemaker")
+    stub = Stubber(client)
+    pipeline_arn = sagemaker().describe_pipeline(PipelineName="kennel")["PipelineArn"]
+    stub.add_response("describe_pipeline", {"PipelineArn": pipeline_arn}, {"PipelineName": "kennel"})
+    stub.add_response("retry_pipeline_execution", {"PipelineExecutionArn": execution.execution_arn},
+                      {"PipelineExecutionArn": execution.execution_arn, "ClientRequestToken": ANY})
+    stub.add_response("describe_pipeline_execution", {"PipelineExecutionStatus": "Executing"},
+                      {"PipelineExecutionArn": execution.execution_arn})
+    stub.add_response("list_pipeline_execution_steps", {"PipelineExecutionSteps": [
+        {"StepName": "PrepareData", "StepStatus": "Succeeded"}, {"StepName": "Tune", "StepStatus": "Executing"}]},
+        {"PipelineExecutionArn": execution.execution_arn, "SortOrder": "Ascending"})
+    stub.add_response("list_pipeline_parameters_for_execution", {"PipelineParameters": []},
+                      {"PipelineExecutionArn": execution.execution_arn})
+    monkeypatch.setattr(upserted, "client", lambda service: client)
+    with stub:
+        resumed = upserted.resume(execution.execution_id)
+    stub.assert_no_pending_responses()
+    assert resumed.status == "Executing"
+    assert [(s.name, s.status) for s in resumed.steps] == [("PrepareData", "Succeeded"), ("Tune", "Executing")]
+
+
+def test_endpoints_show_the_served_version_and_stop_deletes(upserted):
+    client = sagemaker()
+    client.create_model(ModelName="kennel-models-v3", ExecutionRoleArn=ROLE_ARN,
+                        PrimaryContainer={"Image": SPEC["Containers"][0]["Image"]})
+    client.create_endpoint_config(EndpointConfigName="kennel-endpoint-v3-0123abcd", ProductionVariants=[
+        {"VariantName": "AllTraffic", "ModelName": "kennel-models-v3", "InitialInstanceCount": 1,
+         "InstanceType": "ml.m5.large"}])
+    client.create_endpoint(EndpointName="kennel-endpoint", EndpointConfigName="kennel-endpoint-v3-0123abcd")
+
+    (endpoint,) = upserted.endpoints()
+    assert endpoint.name == "kennel-endpoint" and endpoint.model_package_version == 3
+    assert endpoint.url.endswith("/endpoints/kennel-endpoint/invocations")
+    stopped = upserted.stop_endpoint("kennel-endpoint")
+    assert stopped.status == "Deleting"
+    assert upserted.endpoints() == []
