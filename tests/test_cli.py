@@ -172,8 +172,10 @@ def test_the_aws_workflow_end_to_end_against_moto(aws_env, tmp_path):
 
     status = kennel("status", "--json", env=env)
     assert status.returncode == 0, status.stderr
-    described = json.loads(status.stdout)
+    listing = json.loads(status.stdout)
+    described = listing["newest"]
     assert described["status"] == "Succeeded"
+    assert [e["execution_id"] for e in listing["executions"]] == [described["execution_id"]]
     assert described["parameters"] == {"Epochs": "2", "TestLossThreshold": "0.5"}
 
     group = repo_config().model_package_group
@@ -182,9 +184,10 @@ def test_the_aws_workflow_end_to_end_against_moto(aws_env, tmp_path):
         sagemaker.create_model_package(ModelPackageGroupName=group, InferenceSpecification=SPEC,
                                        ModelApprovalStatus="PendingManualApproval")
     approve = kennel("approve", "--latest", "--reason", "good enough", env=env)
-    assert approve.stdout.strip() == f"version 2 of {group} is now Approved", approve.stderr
+    assert approve.stdout.splitlines()[0] == f"version 2 of {group} is now Approved", approve.stderr
+    assert "the approval rule starts kennel-deploy" in approve.stdout
     reject = kennel("reject", "--version", "1", env=env)
-    assert reject.stdout.strip() == f"version 1 of {group} is now Rejected", reject.stderr
+    assert reject.stdout.splitlines()[0] == f"version 1 of {group} is now Rejected", reject.stderr
 
     models = kennel("models", "--json", env=env)
     assert [(m["version"], m["approval_status"]) for m in json.loads(models.stdout)] == [
@@ -197,7 +200,7 @@ def test_the_aws_workflow_end_to_end_against_moto(aws_env, tmp_path):
 def test_every_pipeline_parameter_is_documented():
     from pipeline.parameters import SPECS
 
-    documented = (REPO_ROOT / "docs" / "aws.md").read_text()
+    documented = (REPO_ROOT / "README.md").read_text()
     missing = [spec.name for spec in SPECS if f"| `{spec.name}` |" not in documented]
     assert missing == []
 

@@ -75,7 +75,7 @@ def test_prepare_arguments_parse_with_prepare_py(built):
 
     steps, defaults = built
     args = prepare.get_args_parser().parse_args(container_arguments(steps["PrepareData"], defaults))
-    config = repo_config()
+    config = repo_config().for_target("local")  # `built` is the local definition
     assert args.input == "/opt/ml/processing/input/data"
     assert args.output == "/opt/ml/processing/output"
     assert (args.valid_fraction, args.test_fraction) == (config.valid_fraction, config.test_fraction)
@@ -90,7 +90,7 @@ def test_final_training_hyperparameters_parse_with_train_py(built):
     steps, defaults = built
     hyperparameters = steps["TrainWithDebugger"]["Arguments"]["HyperParameters"]
     args = train.parse_args(toolkit_argv(hyperparameters, defaults))
-    config = repo_config()
+    config = repo_config().for_target("local")
     assert (args.arch, args.freeze, args.image_size) == (config.architecture, config.freeze, config.image_size)
     assert (args.lr, args.batch_size, args.epochs) == (0.003, 64, 3)
     assert args.allow_download is False
@@ -103,7 +103,7 @@ def test_every_tuning_trial_parses_with_train_py(built):
     definition = steps["Tune"]["Arguments"]["TrainingJobDefinition"]
     hyperparameters = {**definition["StaticHyperParameters"], **TUNED_SAMPLE}
     args = train.parse_args(toolkit_argv(hyperparameters, defaults))  # drops sagemaker_program etc.
-    assert args.arch == repo_config().architecture
+    assert args.arch == repo_config().for_target("local").architecture
     channels = [c["ChannelName"] for c in definition["InputDataConfig"]]
     assert [c for c in channels if c in contract.TRAIN_CHANNELS] == list(contract.TRAIN_CHANNELS)
 
