@@ -16,7 +16,7 @@ TARGET_FLAG := $(if $(TARGET),--target $(TARGET),)
 
 .PHONY: install test lint bench sample lock clean \
         pipeline-definition pipeline-upsert pipeline-run pipeline-status approve reject models \
-        endpoints predict
+        endpoints predict studio
 
 install: $(STAMP)
 
@@ -79,6 +79,11 @@ endpoints: $(STAMP)
 predict: $(STAMP)
 	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=path/to/image.png"; exit 2; }
 	$(KENNEL) predict $(TARGET_FLAG) $(IMAGE)
+
+# The local pipeline page on http://127.0.0.1:8470 (PORT=N to change it); Ctrl-C stops it.
+PORT ?= 8470
+studio: $(STAMP)
+	$(KENNEL) studio --port $(PORT)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache pipeline-definition.json

@@ -12,6 +12,7 @@
     kennel endpoint stop NAME [--target T]
     kennel predict    IMAGE... [--endpoint NAME] [--top-k K] [--target T] [--json]
     kennel policy     [--trust]
+    kennel studio     [--port N] [--host 127.0.0.1] [--no-open]
 
 The target defaults to `target` in kennel.toml (KENNEL_TARGET), which defaults to local. The
 SageMaker SDK is imported only by the commands that need it, so `kennel --help` stays fast.
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy = commands.add_parser("policy", help="print the execution role's IAM policy for this configuration")
     policy.add_argument("--trust", action="store_true", help="print the role's trust policy instead")
+
+    studio = commands.add_parser("studio", parents=[target], help="serve the local pipeline page in the browser")
+    studio.add_argument("--port", type=int, default=8470, help="port to listen on (default 8470; 0 picks a free one)")
+    studio.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: only this machine can open the page)")
+    studio.add_argument("--no-open", action="store_true", help="do not open a browser tab")
     return parser
 
 
@@ -313,6 +320,32 @@ def cmd_policy(args: argparse.Namespace, config: KennelConfig) -> int:
     return 0
 
 
+def cmd_studio(args: argparse.Namespace, config: KennelConfig) -> int:
+    """Serve the page over the local state folder until Ctrl-C."""
+    if _target_name(args, config) != "local":
+        raise KennelError("kennel studio shows the local target's state; for --target aws open the pipeline in "
+                          "SageMaker Studio (Pipelines, then the pipeline's executions)")
+    if not 0 <= args.port <= 65535:
+        raise KennelError(f"--port {args.port}: give a port from 1 to 65535 (0 picks a free one)")
+    import webbrowser
+
+    from local.home import resolve_home
+    from local.studio.server import serve
+
+    def ready(url: str) -> None:
+        print(f"Kennel studio: {url}  (state: {resolve_home()}; Ctrl-C stops it)", flush=True)
+        if not args.no_open:
+            webbrowser.open(url)
+
+    try:
+        serve(resolve_home(), args.host, args.port, config.endpoint_name, on_ready=ready)
+    except OSError as error:
+        raise KennelError(str(error)) from None
+    except KeyboardInterrupt:
+        print("kennel studio stopped", flush=True)
+    return 0
+
+
 def _get_target(args: argparse.Namespace, config: KennelConfig) -> Any:
     from pipeline.targets import get_target
 
@@ -362,6 +395,7 @@ COMMANDS = {
     "models": cmd_models,
     "approve": cmd_decide,
     "reject": cmd_decide,
+    "studio": cmd_studio,
     "policy": cmd_policy,
     "endpoints": cmd_endpoints,
     "endpoint": cmd_endpoint,

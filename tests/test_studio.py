@@ -1,0 +1,290 @@
+"""The studio's JSON API over real HTTP on 127.0.0.1, on a state folder written with local.state.
+
+Safety first (cross-origin POST, wrong methods, path traversal, HTML in logs), then what the views
+make of the state, then `kennel studio` itself as a process.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from local.state import FAILED, SUCCEEDED, ExecutionStore, StepRecord
+from local.studio.server import StudioServer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HOSTILE_LINE = '<script>alert("pwned")</script><img src=x onerror="alert(1)"> & done'
+
+# A small definition with every edge kind: data (Get), DependsOn, and a condition's branches.
+DEFINITION: dict[str, Any] = {
+    "Version": "2020-12-01",
+    "Parameters": [
+        {"Name": "Threshold", "Type": "Float", "DefaultValue": 1.5},
+        {"Name": "Epochs", "Type": "Integer", "DefaultValue": 2},
+    ],
+    "Steps": [
+        {"Name": "Prepare", "Type": "Processing", "Arguments": {"Epochs": {"Get": "Parameters.Epochs"}}},
+        {
+            "Name": "Train",
+            "Type": "Training",
+            "Arguments": {"Data": {"Get": "Steps.Prepare.ProcessingOutputConfig.Outputs['train'].S3Output.S3Uri"}},
+        },
+        {
+            "Name": "Check",
+            "Type": "Condition",
+            "DependsOn": ["Train"],
+            "Arguments": {
+                "Conditions": [
+                    {"Type": "LessThanOrEqualTo", "LeftValue": 1.0, "RightValue": {"Get": "Parameters.Threshold"}}
+                ],
+                "IfSteps": [{"Name": "Register", "Type": "RegisterModel", "Arguments": {}}],
+                "ElseSteps": [{"Name": "Fail", "Type": "Fail", "Arguments": {"ErrorMessage": "too bad"}}],
+            },
+        },
+    ],
+}
+
+
+class Studio:
+    def __init__(self, home: Path, server: StudioServer) -> None:
+        self.home, self.server = home, server
+        self.port = server.httpd.server_address[1]
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            connection.close()
+
+    def get_json(self, path: str) -> Any:
+        status, _, body = self.request("GET", path)
+        assert status == 200, body
+        return json.loads(body)
+
+
+def _write_state(home: Path) -> str:
+    """One finished execution: Prepare (log with HTML in it), Train, Check, Fail (failed)."""
+    store = ExecutionStore(home)
+    execution = store.create(DEFINITION, "demo", {"Threshold": 0.5})
+    jobs = execution.folder / "jobs"
+    for name in ("Prepare", "Train", "Check", "Fail"):
+        record = StepRecord(name=name, type=name, status=SUCCEEDED, start_time=execution.creation_time,
+                            end_time=execution.creation_time)
+        if name in ("Prepare", "Train"):
+            log = jobs / name / "log.txt"
+            log.parent.mkdir(parents=True)
+            lines = [f"line {i}" for i in range(300)] + [HOSTILE_LINE]
+            log.write_text("\n".join(lines) + "\n")
+            record.log_path, record.job_name = str(log), f"job-{name}"
+        if name == "Prepare":
+            record.properties = {
+                "ProcessingOutputConfig": {"Outputs": {"train": {"S3Output": {"S3Uri": "s3://bucket/train"}}}}
+            }
+        if name == "Check":
+            record.metadata = {"EvaluatedConditions": [
+                {"Type": "LessThanOrEqualTo", "LeftValue": 1.0, "RightValue": 0.5, "Outcome": False}]}
+        if name == "Fail":
+            record.status, record.failure_reason = FAILED, "too bad"
+        store.save_step(execution.execution_id, record)
+    execution.status, execution.failure_reason = FAILED, "too bad"
+    store.save(execution)
+    (home / "pipelines" / "demo").mkdir(parents=True)
+    (home / "pipelines" / "demo" / "definition.json").write_text(json.dumps(DEFINITION))
+    return execution.execution_id
+
+
+@pytest.fixture
+def studio(tmp_path: Path) -> Iterator[tuple[Studio, str]]:
+    home = tmp_path / "home"
+    execution_id = _write_state(home)
+    server = StudioServer(home, port=0).start()
+    try:
+        yield Studio(home.resolve(), server), execution_id
+    finally:
+        server.stop()
+
+
+# --- safety ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", ["Origin", "Referer"])
+def test_cross_origin_post_is_refused(studio: tuple[Studio, str], header: str) -> None:
+    client, _ = studio
+    body = json.dumps({"Group": "g", "Version": 1}).encode()
+    status, _, answer = client.request("POST", "/api/registry/approve", body, {
+        "Content-Type": "application/json", header: "http://evil.example/page"})
+    assert status == 403
+    assert "cross-origin" in json.loads(answer)["Error"]
+
+
+def test_same_origin_post_reaches_the_registry_and_form_posts_are_refused(studio: tuple[Studio, str]) -> None:
+    client, _ = studio
+    origin = f"http://127.0.0.1:{client.port}"
+    body = json.dumps({"Group": "no-such-group", "Version": 1}).encode()
+    status, _, answer = client.request("POST", "/api/registry/reject", body,
+                                       {"Content-Type": "application/json", "Origin": origin})
+    assert status == 404 and "no-such-group" in json.loads(answer)["Error"]
+    # What a plain HTML form can send: refused before anything is read or changed.
+    status, _, _ = client.request("POST", "/api/registry/approve", b"Group=g&Version=1",
+                                  {"Content-Type": "application/x-www-form-urlencoded", "Origin": origin})
+    assert status == 415
+
+
+def test_wrong_methods_are_refused(studio: tuple[Studio, str]) -> None:
+    client, execution_id = studio
+    status, headers, _ = client.request("GET", "/api/registry/approve")
+    assert (status, headers["allow"]) == (405, "POST")
+    status, headers, _ = client.request("POST", f"/api/executions/{execution_id}", b"{}",
+                                        {"Content-Type": "application/json"})
+    assert (status, headers["allow"]) == (405, "GET")
+    status, _, _ = client.request("OPTIONS", "/api/registry/approve")  # no CORS preflight is granted
+    assert status == 405
+
+
+def test_a_foreign_host_name_is_refused(studio: tuple[Studio, str]) -> None:
+    client, _ = studio
+    status, _, _ = client.request("GET", "/api/executions", headers={"Host": f"rebind.example:{client.port}"})
+    assert status == 403
+
+
+def test_log_path_traversal_is_refused(studio: tuple[Studio, str], tmp_path: Path) -> None:
+    client, execution_id = studio
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret\n")
+    for path in (
+        f"/api/executions/{execution_id}/steps/..%2F..%2F..%2Fsecret.txt/log",
+        f"/api/executions/{execution_id}/steps/../../../secret.txt/log",
+        f"/api/executions/..%2F{execution_id}/steps/Prepare/log",
+        "/api/executions/../../secret.txt",
+    ):
+        status, _, body = client.request("GET", path)
+        assert status == 404, path
+        assert b"top secret" not in body
+    # A record edited to point outside the state folder, directly or through a symlink inside it.
+    store = ExecutionStore(client.home)
+    record = store.load(execution_id).steps["Train"]
+    link = client.home / "executions" / execution_id / "jobs" / "Train" / "link.txt"
+    link.symlink_to(secret)
+    for target in (secret, link):
+        record.log_path = str(target)
+        store.save_step(execution_id, record)
+        for path in (f"/api/executions/{execution_id}/steps/Train/log",
+                     f"/api/executions/{execution_id}/steps/Train/files/log/0"):
+            status, _, body = client.request("GET", path)
+            assert status == 403, (target, path)
+            assert b"top secret" not in body
+        assert client.get_json(f"/api/executions/{execution_id}/steps/Train")["Log"] is None
+
+
+def test_html_in_a_log_line_comes_back_inert(studio: tuple[Studio, str]) -> None:
+    client, execution_id = studio
+    for path in (f"/api/executions/{execution_id}/steps/Prepare",
+                 f"/api/executions/{execution_id}/steps/Prepare/log?whole=1"):
+        status, headers, body = client.request("GET", path)
+        assert status == 200
+        assert headers["content-type"].startswith("application/json")
+        assert headers["x-content-type-options"] == "nosniff"
+        assert b"<" not in body and b">" not in body  # no markup anywhere in the bytes
+        document = json.loads(body)
+        text = (document.get("Log") or document)["Text"]
+        assert text.splitlines()[-1] == HOSTILE_LINE  # the same text, intact once parsed
+
+
+def test_pages_carry_a_strict_content_security_policy(studio: tuple[Studio, str]) -> None:
+    client, _ = studio
+    status, headers, body = client.request("GET", "/")
+    assert status == 200 and b"/static/app.js" in body
+    policy = headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
+    for name in ("app.js", "app.css"):
+        assert client.request("GET", f"/static/{name}")[0] == 200
+    assert client.request("GET", "/static/../server.py")[0] == 404
+
+
+# --- what the views make of the state -----------------------------------------------------------------
+
+
+def test_pipeline_view_has_typed_edges_and_parameters(studio: tuple[Studio, str]) -> None:
+    client, _ = studio
+    assert client.get_json("/api/overview")["Pipelines"] == [{"Name": "demo"}]
+    pipeline = client.get_json("/api/pipelines/demo")
+    edges = {(e["From"], e["To"]): e["Kind"] for e in pipeline["Edges"]}
+    assert edges == {("Prepare", "Train"): "data", ("Train", "Check"): "depends",
+                     ("Check", "Register"): "if", ("Check", "Fail"): "else"}
+    layers = {node["Name"]: node["Layer"] for node in pipeline["Nodes"]}
+    assert layers["Prepare"] < layers["Train"] < layers["Check"] < layers["Register"] == layers["Fail"]
+    assert {p["Name"]: p["DefaultValue"] for p in pipeline["Parameters"]} == {"Threshold": 1.5, "Epochs": 2}
+    assert client.request("GET", "/api/pipelines/nope")[0] == 404
+
+
+def test_execution_and_step_views(studio: tuple[Studio, str]) -> None:
+    client, execution_id = studio
+    [summary] = client.get_json("/api/executions")
+    assert summary["ExecutionId"] == execution_id and summary["Status"] == FAILED
+    execution = client.get_json(f"/api/executions/{execution_id}")
+    assert {name: step["Status"] for name, step in execution["Steps"].items()} == {
+        "Prepare": SUCCEEDED, "Train": SUCCEEDED, "Check": SUCCEEDED, "Fail": FAILED}
+    fail = client.get_json(f"/api/executions/{execution_id}/steps/Fail")
+    assert fail["FailureReason"] == "too bad"
+    check = client.get_json(f"/api/executions/{execution_id}/steps/Check")
+    assert check["Conditions"][0]["Outcome"] is False
+    # Arguments come back resolved: the execution's parameter and Prepare's recorded output.
+    assert check["Arguments"]["Conditions"][0]["RightValue"] == 0.5
+    train = client.get_json(f"/api/executions/{execution_id}/steps/Train")
+    assert train["ArgumentsResolved"] and train["Arguments"] == {"Data": "s3://bucket/train"}
+    tail = train["Log"]
+    assert tail["Truncated"] and len(tail["Text"].splitlines()) == 200
+    whole = client.get_json(train["LogUrl"] + "?whole=1")
+    assert len(whole["Text"].splitlines()) == 301 and not whole["Truncated"]
+    assert client.request("GET", f"/api/executions/{execution_id}/steps/Register")[0] == 404  # never started
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+
+def _kennel(*args: str, home: Path) -> subprocess.Popen:
+    environment = {**os.environ, "KENNEL_HOME": str(home)}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kennel_studio_serves_until_interrupted(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    execution_id = _write_state(home)
+    process = _kennel("studio", "--port", "0", "--no-open", home=home)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert match, line
+        connection = http.client.HTTPConnection("127.0.0.1", int(match.group(1)), timeout=10)
+        connection.request("GET", "/api/executions")
+        assert json.loads(connection.getresponse().read())[0]["ExecutionId"] == execution_id
+        connection.close()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_kennel_studio_is_for_the_local_target(tmp_path: Path) -> None:
+    process = _kennel("studio", "--target", "aws", "--no-open", home=tmp_path)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert "SageMaker Studio" in stderr and "Traceback" not in stderr
