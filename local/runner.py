@@ -571,18 +571,9 @@ class _Run:
                 for name, record in execution.steps.items()
                 if record.status == SUCCEEDED
             }
-        variables = {
-            "PipelineExecutionId": execution.execution_id,
-            "PipelineExecutionArn": execution.arn,
-            "PipelineName": execution.pipeline_name,
-            "PipelineArn": execution.pipeline_arn,
-            "StartDateTime": execution.creation_time,
-            "CurrentDateTime": now(),
-        }
-        if job_name is not None:
-            variables.update(TrainingJobName=job_name, ProcessingJobName=job_name)
         return Scope(
-            parameters=execution.parameters, execution=variables, steps=steps, read_json=self._read_json
+            parameters=execution.parameters, execution=execution.variables(job_name), steps=steps,
+            read_json=self._read_json,
         )
 
     def _read_json(self, uri: str) -> Any:

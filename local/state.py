@@ -199,6 +199,20 @@ class Execution:
         ]
         return summary
 
+    def variables(self, job_name: str | None = None, current_time: str | None = None) -> dict[str, str]:
+        """The execution variables a definition can Get (`Execution.<Name>`)."""
+        variables = {
+            "PipelineExecutionId": self.execution_id,
+            "PipelineExecutionArn": self.arn,
+            "PipelineName": self.pipeline_name,
+            "PipelineArn": self.pipeline_arn,
+            "StartDateTime": self.creation_time,
+            "CurrentDateTime": current_time or now(),
+        }
+        if job_name is not None:
+            variables.update(TrainingJobName=job_name, ProcessingJobName=job_name)
+        return variables
+
     def ordered_steps(self) -> list[StepRecord]:
         return sorted(self.steps.values(), key=lambda record: (record.start_time or "~", record.name))
 

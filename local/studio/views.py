@@ -234,7 +234,7 @@ def step_view(home: Path, execution_id: str, step: str) -> dict[str, Any]:
 
 def _arguments(home: Path, execution: Execution, record: StepRecord) -> tuple[Any, bool]:
     """The step's Arguments with parameters and upstream properties filled in, as the runner
-    resolved them (execution variables such as CurrentDateTime are re-read now); the raw
+    resolved them (CurrentDateTime reads as the execution's start time); the raw
     Arguments when something they read is not available (yet)."""
     try:
         node = build_graph(_definition(execution)).get(record.name)
@@ -244,16 +244,7 @@ def _arguments(home: Path, execution: Execution, record: StepRecord) -> tuple[An
         return None, False
     raw = {k: v for k, v in (node.step.get("Arguments") or {}).items() if k not in ("IfSteps", "ElseSteps")}
     store = ObjectStore(store_root(home))
-    variables = {
-        "PipelineExecutionId": execution.execution_id,
-        "PipelineExecutionArn": execution.arn,
-        "PipelineName": execution.pipeline_name,
-        "PipelineArn": execution.pipeline_arn,
-        "StartDateTime": execution.creation_time,
-        "CurrentDateTime": execution.creation_time,
-    }
-    if record.job_name:
-        variables.update(TrainingJobName=record.job_name, ProcessingJobName=record.job_name)
+    variables = execution.variables(record.job_name, current_time=execution.creation_time)
     values = {p["Name"]: p["DefaultValue"] for p in parameters(_definition(execution)) if p["Name"]}
     values.update(execution.parameters)
     scope = Scope(
