@@ -36,6 +36,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/pipeline.py
 	$(PY) bench/serving.py
+	$(PY) bench/debugger_overhead.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -42,6 +42,9 @@ TEST_METRIC_LINE = "test_loss={test_loss:.6f} test_accuracy={test_accuracy:.6f}"
 
 # --- training --------------------------------------------------------------------------------
 TRAIN_CHANNELS = ("train", "valid")  # SM_CHANNEL_TRAIN, SM_CHANNEL_VALID
+# Per-epoch history (epoch, train_loss, valid_loss, valid_accuracy, seconds) that train.py rewrites
+# in SM_OUTPUT_DATA_DIR each epoch; the local runner plots it.
+EPOCH_METRICS_FILE = "metrics.json"
 MODEL_WEIGHTS_FILE = "model.pth"  # a state_dict, loaded with torch.load(weights_only=True)
 MODEL_META_FILE = "model_meta.json"  # arch, class names, image size, normalization
 CHECKPOINT_FILE = "checkpoint.pth"

@@ -47,7 +47,6 @@ from presets import EvalPreset, TrainPreset
 
 log = logging.getLogger("kennel.train")
 
-METRICS_FILE = "metrics.json"
 CHECKPOINT_FORMAT_VERSION = 1
 HYPERPARAMETERS = (
     "arch", "weights", "allow_download", "freeze", "lr", "batch_size", "epochs", "weight_decay",
@@ -531,7 +530,7 @@ def report_epoch(record: dict[str, float], history: list[dict[str, float]], outp
     print(line, flush=True)  # the tuner reads stdout as it streams
     output_data_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(history, indent=2).encode()
-    nets.atomic_write(output_data_dir / METRICS_FILE, lambda f: f.write(text))
+    nets.atomic_write(output_data_dir / contract.EPOCH_METRICS_FILE, lambda f: f.write(text))
 
 
 def save_model(

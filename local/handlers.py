@@ -145,14 +145,18 @@ STEP_ROLE_VARIABLE = "KENNEL_STEP_ROLE"
 def default_handlers(home: Path) -> dict[str, StepHandler]:
     """Step type -> handler for everything the local runner knows (Condition and Fail are
     evaluated by the runner itself)."""
+    from local.debugger_monitor import debugger_monitor
     from local.jobs.processing import ProcessingHandler
     from local.jobs.services import DeployHandler, RegisterModelHandler
     from local.jobs.training import TrainingHandler
     from local.jobs.tuning import TuningHandler
+    from local.plots import ConfusionMatrixPlots, plots_monitor
+    from local.profiler import profiler_monitor
 
     return {
-        "Processing": ProcessingHandler(services={"deploy": DeployHandler(home)}),
-        "Training": TrainingHandler(),
+        "Processing": ConfusionMatrixPlots(ProcessingHandler(services={"deploy": DeployHandler(home)})),
+        # Plots last: they draw the loss series the Debugger monitor's child wrote.
+        "Training": TrainingHandler(monitors=(debugger_monitor, profiler_monitor, plots_monitor)),
         "Tuning": TuningHandler(),
         "RegisterModel": RegisterModelHandler(home),
         "Model": NotYetSupported("Creating a model", ENDPOINT_STEPS),

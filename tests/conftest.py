@@ -131,8 +131,8 @@ def train_job(tmp_path: Path, mini_sample: Path) -> TrainJob:
     return TrainJob(tmp_path / "job", mini_sample / "train", mini_sample / "valid")
 
 
-# --- pipeline builds and a moto server (pipeline, aws-target, CLI and deploy tests) -------------
-from kennel_support import aws_env, moto_server, offline_builds  # noqa: E402, F401 - fixtures
-
-# --- model packages and endpoint servers (registry, endpoint, serving and deployment tests) -----
-from serving_support import kennel_home, tarballs  # noqa: E402, F401 - fixtures
+# --- fixtures shared across test files: pipeline builds and a moto server (kennel_support), model
+# packages and endpoint servers (serving_support), a hooked training run (debugger_support) --------
+from debugger_support import healthy_debug_run  # noqa: E402, F401
+from kennel_support import aws_env, moto_server, offline_builds  # noqa: E402, F401
+from serving_support import kennel_home, tarballs  # noqa: E402, F401

@@ -80,7 +80,7 @@ def test_fine_tunes_the_sample_and_leaves_a_deployable_model(train_job) -> None:
     assert epochs_printed(result.stdout) == [1, 2]
     assert all(set(m) == {d["Name"] for d in contract.METRIC_DEFINITIONS} for m in metrics)
     assert metrics[-1]["valid:accuracy"] >= 0.70
-    history = json.loads((train_job.output_data_dir / train.METRICS_FILE).read_text())
+    history = json.loads((train_job.output_data_dir / contract.EPOCH_METRICS_FILE).read_text())
     assert [h["valid_loss"] for h in history] == pytest.approx([m["valid:loss"] for m in metrics], abs=1e-6)
 
     model, meta = nets.load_artifacts(train_job.model_dir)
@@ -112,7 +112,7 @@ def test_resumes_from_a_matching_checkpoint_and_not_from_another(train_job) -> N
     assert_succeeded(second)
     assert epochs_printed(second.stdout) == [2]  # epoch 1 came from the checkpoint
     assert "resuming from checkpoint" in second.stderr
-    history = json.loads((train_job.output_data_dir / train.METRICS_FILE).read_text())
+    history = json.loads((train_job.output_data_dir / contract.EPOCH_METRICS_FILE).read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[0]["valid_loss"] == pytest.approx(metric_lines(first.stdout)[0]["valid:loss"], abs=1e-6)
     assert torch.load(train_job.checkpoint, weights_only=True)["epoch"] == 2

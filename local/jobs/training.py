@@ -29,10 +29,10 @@ import os
 import shlex
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from local.expressions import to_text
 from local.files import extract_tarball, read_json, tar_folder, walk_files, write_json_atomic
@@ -45,6 +45,7 @@ from local.handlers import (
     StepResult,
 )
 from local.jobs.container import (
+    ChildOutcome,
     ChildSpec,
     MetricReader,
     base_environment,
@@ -53,6 +54,7 @@ from local.jobs.container import (
     driver_arguments,
     hyperparameter_environment,
     is_python,
+    log_note,
     remap,
     remap_argument,
     run_child,
@@ -74,6 +76,23 @@ RULES_NOT_EVALUATED = "Debugger rules are not evaluated by the local runner yet"
 RuleEvaluator = Callable[[dict, Path, dict, StepContext], list[dict]]
 
 
+class JobMonitor(Protocol):
+    """Watches one training job while it runs (Debugger rules, the profiler, plots) and reports at its end."""
+
+    def stop_reason(self) -> str | None:
+        """Why the job must stop now (a rule's StopTraining action), or None; polled while the job runs."""
+        ...
+
+    def finish(self, properties: dict[str, Any], metadata: dict[str, Any]) -> None:
+        """The job has ended: complete the work and add to its properties and step metadata."""
+        ...
+
+
+# (request, job name, prepared job folder, context) -> a started monitor, or None when the request
+# does not ask for what it watches.
+MonitorFactory = Callable[[dict, str, "PreparedJob", StepContext], JobMonitor | None]
+
+
 @dataclass
 class TrainingOutcome:
     status: str  # Succeeded, Failed or Stopped (the TrainingStep's words)
@@ -82,22 +101,30 @@ class TrainingOutcome:
     failure_reason: str | None = None
     failure_type: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)  # for the step record (plots, reports)
 
     def to_step_result(self) -> StepResult:
         if self.status == SUCCEEDED:
-            return StepResult.succeeded(self.properties)
-        if self.status == STOPPED:
-            return StepResult.stopped(self.failure_reason or "stopped", self.properties)
-        return StepResult.failed(
-            self.failure_reason or "failed", self.failure_type or ALGORITHM_ERROR, self.properties
-        )
+            result = StepResult.succeeded(self.properties)
+        elif self.status == STOPPED:
+            result = StepResult.stopped(self.failure_reason or "stopped", self.properties)
+        else:
+            result = StepResult.failed(
+                self.failure_reason or "failed", self.failure_type or ALGORITHM_ERROR, self.properties
+            )
+        result.metadata.update(self.metadata)
+        return result
 
 
 class TrainingHandler:
-    """The Training step type. `rule_evaluator` is where local Debugger rules plug in."""
+    """The Training step type. `rule_evaluator` and `monitors` are where local Debugger rules,
+    the profiler and plots plug in."""
 
-    def __init__(self, rule_evaluator: RuleEvaluator | None = None) -> None:
+    def __init__(
+        self, rule_evaluator: RuleEvaluator | None = None, monitors: Sequence[MonitorFactory] = ()
+    ) -> None:
         self.rule_evaluator = rule_evaluator
+        self.monitors = tuple(monitors)
 
     def run(self, step: dict, arguments: dict, context: StepContext) -> StepResult:
         outcome = run_training_job(
@@ -107,6 +134,7 @@ class TrainingHandler:
             context=context,
             rule_evaluator=self.rule_evaluator,
             mark_executing=context.mark_executing,
+            monitors=self.monitors,
         )
         return outcome.to_step_result()
 
@@ -123,6 +151,7 @@ def run_training_job(
     should_stop: Callable[[], bool] | None = None,
     rule_evaluator: RuleEvaluator | None = None,
     mark_executing: Callable[[], None] = lambda: None,
+    monitors: Sequence[MonitorFactory] = (),
 ) -> TrainingOutcome:
     """Run one training job described by a CreateTrainingJob request; never raises StepFailure."""
     started = now()
@@ -134,6 +163,8 @@ def run_training_job(
     except StepFailure as failure:
         return _failed(properties, metrics, failure.reason, failure.failure_type, log_path)
     early_stopped = threading.Event()
+    watching = _start_monitors(monitors, request, job_name, job, context)
+    stopped_by: list[str] = []
 
     def on_line(line: str) -> None:
         context.progress.step_line(context.step_name, line, source)
@@ -148,6 +179,10 @@ def run_training_job(
             return True
         if should_stop is not None and should_stop():
             early_stopped.set()
+            return True
+        reason = next((text for text in (monitor.stop_reason() for monitor in watching) if text), None)
+        if reason:
+            stopped_by.append(reason)
             return True
         return False
 
@@ -175,6 +210,7 @@ def run_training_job(
         )
     except StepFailure as failure:
         sync.stop()
+        _finish_monitors(watching, properties, {}, log_path)
         return _failed(properties, metrics, failure.reason, failure.failure_type, log_path)
     sync.stop()
     write_json_atomic(job_dir / "metrics.json", metrics.history)
@@ -184,18 +220,46 @@ def run_training_job(
         BillableTimeInSeconds=int(outcome.seconds),
         FinalMetricDataList=metrics.final_metric_data_list(),
     )
-    keep_artifacts = outcome.succeeded or outcome.ended_by == "timeout" or early_stopped.is_set()
+    # Like SageMaker, a job stopped by a rule's StopTraining action keeps what it had written.
+    keep_artifacts = (
+        outcome.succeeded or outcome.ended_by == "timeout" or early_stopped.is_set() or bool(stopped_by)
+    )
     try:
         if keep_artifacts:
             _put_artifacts(request, job_name, job, context, properties)
         _put_debug_output(request, job_name, job, context)
     except StepFailure as failure:
+        _finish_monitors(watching, properties, {}, log_path)
         return _failed(properties, metrics, failure.reason, failure.failure_type, log_path)
     _evaluate_rules(request, job_dir, properties, context, rule_evaluator)
+    metadata: dict[str, Any] = {}
+    _finish_monitors(watching, properties, metadata, log_path)
+    ended = _ending(
+        request, job, outcome, properties, metrics, log_path, early_stopped.is_set(), stopped_by, context
+    )
+    ended.metadata.update(metadata)
+    return ended
+
+
+def _ending(
+    request: dict,
+    job: PreparedJob,
+    outcome: ChildOutcome,
+    properties: dict,
+    metrics: MetricReader,
+    log_path: Path,
+    early_stopped: bool,
+    stopped_by: list[str],
+    context: StepContext,
+) -> TrainingOutcome:
+    """The job's status and reason, from how its process ended."""
     if outcome.succeeded:
         properties.update(TrainingJobStatus="Completed", SecondaryStatus="Completed")
         return TrainingOutcome(SUCCEEDED, properties, metrics)
-    if early_stopped.is_set():
+    if stopped_by and outcome.ended_by == "stop" and not context.stop_event.is_set():
+        properties.update(TrainingJobStatus="Stopped", SecondaryStatus="Stopped")
+        return TrainingOutcome(STOPPED, properties, metrics, stopped_by[0])
+    if early_stopped:
         properties.update(TrainingJobStatus="Stopped", SecondaryStatus="Stopped")
         return TrainingOutcome(
             STOPPED, properties, metrics, "stopped early by the tuner", extra={"early_stopped": True}
@@ -283,8 +347,6 @@ def _prepare(
     environment[CHECKPOINT_VARIABLE] = str(checkpoint_dir)
     if tensors_dir is not None:
         environment["SMDEBUG_CONFIG_FILE_PATH"] = str(root / "input" / "config" / "debughookconfig.json")
-    if request.get("ProfilerConfig"):
-        notes.append("ProfilerConfig is recorded but the profiler does not run locally")
     return PreparedJob(root, argv, cwd, environment, checkpoint_dir, checkpoint_uri, tensors_dir, notes)
 
 
@@ -557,6 +619,29 @@ def _not_evaluated(rules: list[dict]) -> list[dict]:
         }
         for rule in rules
     ]
+
+
+def _start_monitors(
+    factories: Sequence[MonitorFactory], request: dict, job_name: str, job: PreparedJob, context: StepContext
+) -> list[JobMonitor]:
+    started = []
+    for factory in factories:
+        try:
+            monitor = factory(request, job_name, job, context)
+        except Exception as error:  # what a monitor watches is extra: the job runs without it
+            log_note(context.log_path, f"{getattr(factory, '__name__', factory)} could not start: {error!r}")
+            continue
+        if monitor is not None:
+            started.append(monitor)
+    return started
+
+
+def _finish_monitors(monitors: list[JobMonitor], properties: dict, metadata: dict, log_path: Path) -> None:
+    for monitor in monitors:
+        try:
+            monitor.finish(properties, metadata)
+        except Exception as error:  # a report that cannot be written must not lose the trained model
+            log_note(log_path, f"{type(monitor).__name__} could not finish: {error!r}")
 
 
 def _failure_file(job: PreparedJob) -> str:
