@@ -53,8 +53,15 @@ DEBUG_RULES = (
               ("gradients", "weights")),
 )
 PROFILER_RULES = (rule_configs.ProfilerReport, rule_configs.LowGPUUtilization)
-# Collection parameters beyond the hook's save interval; relu_input is not a default collection.
-COLLECTION_PARAMETERS = {"relu_input": {"include_regex": ".*relu_input"}}
+# Collection parameters beyond the hook's save interval. Weights and biases are most of the saved
+# volume and change slowly: every 100th step (step 0 included) serves PoorWeightInitialization and
+# ExplodingTensor. relu_input is not a default collection, and PoorWeightInitialization reads only
+# the first `steps` (10) steps of it, so nothing later is saved (activations are large).
+COLLECTION_PARAMETERS = {
+    "weights": {"save_interval": "100"},
+    "biases": {"save_interval": "100"},
+    "relu_input": {"include_regex": ".*relu_input", "end_step": "10"},
+}
 PROFILING_INTERVAL_MS = 500
 
 
