@@ -11,6 +11,8 @@ shows nothing (library use, tests). `make_progress` picks by whether the stream 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -19,9 +21,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from local.state import FAILED, STOPPED, SUCCEEDED, Execution
+from local.state import FAILED, STOPPED, SUCCEEDED, Execution, StepRecord
 
 _EPOCH = re.compile(r"\bepoch[\s=:]+(\d+)", re.IGNORECASE)
 
@@ -268,6 +271,33 @@ def make_progress(stream: TextIO | None = None, *, show_logs: bool = True, quiet
 # --- status text ------------------------------------------------------------------------------
 
 
+def step_details(record: StepRecord) -> list[str]:
+    """What a step produced beyond its status: Debugger and profiler rule statuses (live from the
+    job folder while a training job runs), the profiler report, plots and the condition's decision."""
+    lines = []
+    rules = record.properties.get("DebugRuleEvaluationStatuses")
+    live = Path(record.job_dir or "") / "debugger" / "rule_statuses.json"
+    if rules is None and record.job_dir and live.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            rules = json.loads(live.read_text()).get("Statuses")
+    for kind, statuses in (("Debugger rule", rules),
+                           ("profiler rule", record.properties.get("ProfilerRuleEvaluationStatuses"))):
+        for status in statuses or []:
+            detail = str(status.get("StatusDetails") or "").splitlines()[0:1]
+            lines.append(f"{kind} {status.get('RuleConfigurationName')}: {status.get('RuleEvaluationStatus')}"
+                         + (f" - {detail[0][:200]}" if detail and detail[0] else ""))
+    report = (record.metadata.get("Profiler") or {}).get("Report")
+    if report:
+        lines.append(f"profiler report: {report}")
+    for plot in record.metadata.get("Plots") or []:
+        lines.append(f"plot {plot.get('Name')}: {plot.get('Path')}")
+    for condition in record.metadata.get("EvaluatedConditions") or []:
+        if "LeftValue" in condition:
+            lines.append(f"condition {condition['Type']}: {condition['LeftValue']} vs {condition['RightValue']}"
+                         f" -> {condition['Outcome']}")
+    return lines
+
+
 def format_execution(execution: Execution) -> str:
     """A readable account of one execution: its status, each step, and what to do next."""
     lines = [
@@ -292,6 +322,7 @@ def format_execution(execution: Execution) -> str:
             lines.append("      " + record.failure_reason.splitlines()[0][:300])
         if record.log_path and record.status != SUCCEEDED:
             lines.append(f"      log: {record.log_path}")
+        lines.extend(f"      {line}" for line in step_details(record))
     for name in execution.skipped_steps:
         lines.append(f"  {name:<24} {'-':<10} not run (its condition branch was not taken)")
     if execution.failure_reason and execution.status != SUCCEEDED:

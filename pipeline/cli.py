@@ -372,6 +372,8 @@ def _print_execution(execution: Any) -> None:
                 print(f"  {step.name} failed: {step.failure_reason}")
             if step.log_path and step.status != "Succeeded":
                 print(f"  {step.name} log: {step.log_path}")
+            for line in step.details:
+                print(f"  {step.name}: {line}")
     for note in execution.notes:
         print(f"  ({note})")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from local.files import read_json, write_json_atomic
 from local.home import resolve_home, store_root
-from local.progress import make_progress
+from local.progress import make_progress, step_details
 from local.runner import USER_ERRORS, RunOptions, resume, run_pipeline
 from local.state import SUCCEEDED, Execution, StateError, list_executions, load_execution
 from local.store import ObjectStore, import_objects
@@ -166,7 +166,7 @@ class LocalTarget:
             StepStatus(
                 name=record.name, status=record.status, started=record.start_time or "",
                 ended=record.end_time or "", failure_reason=record.failure_reason or "",
-                log_path=record.log_path or "", cached=bool(record.cache_hit),
+                log_path=record.log_path or "", cached=bool(record.cache_hit), details=step_details(record),
             )
             for record in execution.ordered_steps()
         ] if with_steps else []

@@ -31,6 +31,7 @@ class StepStatus:
     failure_reason: str = ""
     log_path: str = ""  # local target: the step's job log
     cached: bool = False  # the step reused a cached result
+    details: list[str] = field(default_factory=list)  # rule statuses, reports, plots, decisions
 
 
 @dataclass(frozen=True)

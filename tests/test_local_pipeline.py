@@ -207,3 +207,18 @@ def test_unknown_parameters_and_wrong_types_are_one_clear_error(home: Path) -> N
     wrong = kennel(home, "run", "--param", "Epochs=many")
     assert wrong.returncode != 0 and "Epochs must be an integer" in wrong.stderr
     assert "Traceback" not in wrong.stderr
+
+
+def test_status_shows_the_debugger_and_profiler_rules_the_report_and_the_plots(
+    home: Path, first_execution: str
+) -> None:
+    text = kennel(home, "status", first_execution).stdout
+    for rule in ("LossNotDecreasing", "VanishingGradient", "Overfit", "Overtraining", "PoorWeightInitialization"):
+        assert f"TrainWithDebugger: Debugger rule {rule}: " in text, text
+    assert "TrainWithDebugger: profiler rule ProfilerReport: " in text
+    report = next(line.split("profiler report: ", 1)[1] for line in text.splitlines() if "profiler report: " in line)
+    assert report.endswith(".html") and Path(report).is_file()
+    plots = [line.split(": ", 2)[2] for line in text.splitlines() if ": plot " in line]
+    assert plots and all(Path(plot).is_file() and plot.endswith(".png") for plot in plots)
+    assert any("confusion" in plot for plot in plots) and any("training" in plot for plot in plots)
+    assert "CheckTestLoss: condition LessThanOrEqualTo:" in text
