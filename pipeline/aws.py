@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from local.files import write_bytes_atomic
+from local.home import resolve_home
 from pipeline import events
 from pipeline.config import KennelConfig
 from pipeline.definition import definitions, deploy_pipeline_name, pipeline_session, sdk_environment
@@ -305,10 +307,58 @@ class AwsTarget:
                     steps.append(StepStatus(
                         name=step["StepName"], status=step.get("StepStatus", ""),
                         started=_iso(step.get("StartTime")), ended=_iso(step.get("EndTime")),
-                        failure_reason=step.get("FailureReason", "")))
+                        failure_reason=step.get("FailureReason", ""),
+                        details=self._training_details(sagemaker, step)))
         except ClientError as error:
             return [], [f"steps not listed: {error}"]
         return steps, []
+
+    def _training_details(self, sagemaker: Any, step: Mapping[str, Any]) -> list[str]:
+        """A training step's Debugger and profiler rule statuses (DescribeTrainingJob), and its
+        profiler report fetched to the local state folder once the ProfilerReport rule is done."""
+        from botocore.exceptions import ClientError
+
+        arn = ((step.get("Metadata") or {}).get("TrainingJob") or {}).get("Arn")
+        if not arn:
+            return []
+        job_name = arn.rsplit("/", 1)[-1]
+        try:
+            job = sagemaker.describe_training_job(TrainingJobName=job_name)
+        except ClientError as error:
+            return [f"training job {job_name} not described: {error}"]
+        lines = []
+        for kind, key in (("Debugger rule", "DebugRuleEvaluationStatuses"),
+                          ("profiler rule", "ProfilerRuleEvaluationStatuses")):
+            for status in job.get(key) or []:
+                detail = str(status.get("StatusDetails") or "").splitlines()[:1]
+                lines.append(f"{kind} {status.get('RuleConfigurationName')}: {status.get('RuleEvaluationStatus')}"
+                             + (f" - {detail[0][:200]}" if detail and detail[0] else ""))
+        report = self._fetch_profiler_report(job)
+        if report:
+            lines.append(f"profiler report: {report}")
+        return lines
+
+    def _fetch_profiler_report(self, job: Mapping[str, Any]) -> str:
+        """Where SageMaker's ProfilerReport rule writes its HTML, copied under the state folder."""
+        from botocore.exceptions import ClientError
+
+        done = any(s.get("RuleConfigurationName") == "ProfilerReport"
+                   and s.get("RuleEvaluationStatus") in ("NoIssuesFound", "IssuesFound")
+                   for s in job.get("ProfilerRuleEvaluationStatuses") or [])
+        output = (job.get("ProfilerConfig") or {}).get("S3OutputPath")
+        if not done or not output:
+            return ""
+        name = job["TrainingJobName"]
+        bucket, _, prefix = output.removeprefix("s3://").partition("/")
+        key = "/".join(p for p in (prefix.strip("/"), name, REPORT_KEY) if p)
+        target = resolve_home() / "aws-reports" / name / "profiler-report.html"
+        if not target.exists():
+            try:
+                body = self.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+            except ClientError as error:
+                return f"s3://{bucket}/{key} (not fetched: {error})"
+            write_bytes_atomic(target, body)
+        return str(target)
 
     # --- registry -----------------------------------------------------------------------------
     def models(self) -> list[ModelPackage]:
@@ -387,6 +437,10 @@ def _log_changes(execution: ExecutionStatus, seen: dict[str, str]) -> None:
         if seen.get(name) != status:
             seen[name] = status
             log.info("%s: %s", name, status)
+
+
+# Where the ProfilerReport rule writes its report, under ProfilerConfig.S3OutputPath/<job>/.
+REPORT_KEY = "rule-output/ProfilerReport/profiler-output/profiler-report.html"
 
 
 def _newest(summaries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -235,3 +235,54 @@ def test_endpoints_show_the_served_version_and_stop_deletes(upserted):
     stopped = upserted.stop_endpoint("kennel-endpoint")
     assert stopped.status == "Deleting"
     assert upserted.endpoints() == []
+
+
+def test_status_shows_rule_statuses_and_fetches_the_profiler_report(upserted, monkeypatch, tmp_path):
+    """moto lists no execution steps and keeps no rule statuses: those answers come from a Stubber
+    (checked against botocore's shapes); the report itself is a real object in moto's S3."""
+    from datetime import datetime
+
+    from botocore.stub import Stubber
+
+    monkeypatch.setenv("KENNEL_HOME", str(tmp_path / ".kennel"))
+    execution = upserted.start({}, wait=False)
+    job, arn = "pipelines-abc-TrainWithDebugger", "arn:aws:sagemaker:us-east-1:123456789012:training-job/"
+    report_key = f"kennel/profiler/{job}/rule-output/ProfilerReport/profiler-output/profiler-report.html"
+    boto3.client("s3", region_name=REGION).put_object(Bucket=BUCKET, Key=report_key, Body=b"<html>report</html>")
+
+    client = upserted.client("sagemaker")
+    stub = Stubber(client)
+    pipeline_arn = sagemaker().describe_pipeline(PipelineName="kennel")["PipelineArn"]
+    stub.add_response("describe_pipeline", {"PipelineArn": pipeline_arn})
+    stub.add_response("describe_pipeline_execution", {"PipelineExecutionStatus": "Executing"})
+    stub.add_response("list_pipeline_execution_steps", {"PipelineExecutionSteps": [
+        {"StepName": "TrainWithDebugger", "StepStatus": "Succeeded",
+         "Metadata": {"TrainingJob": {"Arn": arn + job}}}]})
+    statuses = {"DebugRuleEvaluationStatuses": [
+        {"RuleConfigurationName": "LossNotDecreasing", "RuleEvaluationStatus": "IssuesFound",
+         "StatusDetails": "RuleEvaluationConditionMet: loss did not decrease"},
+        {"RuleConfigurationName": "Overfit", "RuleEvaluationStatus": "NoIssuesFound"}],
+        "ProfilerRuleEvaluationStatuses": [
+        {"RuleConfigurationName": "ProfilerReport", "RuleEvaluationStatus": "NoIssuesFound"}]}
+    stub.add_response("describe_training_job", {
+        "TrainingJobName": job, "TrainingJobArn": arn + job, "ModelArtifacts": {"S3ModelArtifacts": "s3://b/m"},
+        "TrainingJobStatus": "Completed", "SecondaryStatus": "Completed",
+        "AlgorithmSpecification": {"TrainingInputMode": "File", "TrainingImage": "image"},
+        "ResourceConfig": {"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
+        "StoppingCondition": {"MaxRuntimeInSeconds": 3600}, "CreationTime": datetime(2026, 11, 22),
+        "ProfilerConfig": {"S3OutputPath": f"s3://{BUCKET}/kennel/profiler"}, **statuses},
+        {"TrainingJobName": job})
+    stub.add_response("list_pipeline_parameters_for_execution", {"PipelineParameters": []})
+    s3 = upserted.client("s3")
+    monkeypatch.setattr(upserted, "client", lambda service: client if service == "sagemaker" else s3)
+    with stub:
+        status = upserted.status(execution.execution_id)
+    stub.assert_no_pending_responses()
+    (step,) = status.steps
+    assert step.details[0] == ("Debugger rule LossNotDecreasing: IssuesFound - RuleEvaluationConditionMet: "
+                               "loss did not decrease")
+    assert step.details[1] == "Debugger rule Overfit: NoIssuesFound"
+    assert step.details[2] == "profiler rule ProfilerReport: NoIssuesFound"
+    fetched = tmp_path / ".kennel" / "aws-reports" / job / "profiler-report.html"
+    assert step.details[3] == f"profiler report: {fetched}"
+    assert fetched.read_bytes() == b"<html>report</html>"
