@@ -20,8 +20,10 @@ from sagemaker.core.debugger import (
     Rule,
     get_rule_container_image_uri,
 )
+from sagemaker.core.training.configs import MetricDefinition
 from sagemaker.mlops.workflow.steps import ProcessingStep, TrainingStep, TuningStep
 
+from entrypoints import contract
 from steps.common import StepContext, cache_config, job_retry_policies, static_s3_uri
 from steps.tune import TUNED, best_hyperparameter, model_trainer, static_hyperparameters, training_channels
 
@@ -118,6 +120,10 @@ def train_step(ctx: StepContext, prepare: ProcessingStep, tune: TuningStep) -> D
     # across executions would let one execution resume another's run, while one per execution
     # would never hit the cache. train.py checkpoints locally either way.
     trainer = model_trainer(ctx, f"{config.pipeline_name}-train", hyperparameters)
+    # The tuner sets metric definitions on its trials; this job needs its own so that SageMaker (and
+    # the local runner) fill FinalMetricDataList and Studio charts its epochs.
+    trainer.with_metric_definitions([MetricDefinition(name=d["Name"], regex=d["Regex"])
+                                     for d in contract.METRIC_DEFINITIONS])
     return DebugTrainingStep(
         name=NAME,
         step_args=trainer.train(input_data_config=training_channels(prepare)),

@@ -120,6 +120,9 @@ def test_tuned_hyperparameters_reach_training_and_the_condition_reads_the_evalua
     assert set(tuned) == {"lr", "batch-size", "epochs"}
     assert {name: train["HyperParameters"][name] for name in tuned} == tuned
     assert len(tune["TrainingJobSummaries"]) == 2
+    # The final job has its own metric definitions, so its last epoch is in FinalMetricDataList.
+    final = {item["MetricName"]: item["Value"] for item in train["FinalMetricDataList"]}
+    assert set(final) == {"train:loss", "valid:loss", "valid:accuracy"} and 0 < final["valid:accuracy"] <= 1
 
     evaluate = step_record(home, first_execution, "Evaluate")["Properties"]
     uri = next(o["S3Output"]["S3Uri"] for o in evaluate["ProcessingOutputConfig"]["Outputs"]
