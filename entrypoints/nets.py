@@ -203,10 +203,22 @@ def apply_freeze(model: Classifier, policy: str) -> None:
 
 
 def set_train_mode(model: Classifier, policy: str) -> None:
-    """model.train(), except that frozen parts stay in eval mode so their BN statistics do not drift."""
+    """model.train(), except that frozen parts stay in eval mode so their BN statistics do not drift.
+
+    When only part of the backbone is fine-tuned, its batch-norm layers also keep their ImageNet
+    statistics (their scale and shift still learn), the usual advice for fine-tuning on small
+    batches and small data. It also gives every trainable parameter a gradient: in EfficientNet
+    the last block's output goes through a 1x1 convolution into a batch-norm layer, and in train
+    mode that layer cancels any shift of its input, so the block's last bias would never learn
+    (a gradient of exactly zero, which Debugger's VanishingGradient rule rightly reports).
+    """
     model.train()
     for module in frozen_part(model, policy):
         module.eval()
+    if policy != "none":
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def save_artifacts(model_dir: str | os.PathLike, model: nn.Module, meta: ModelMeta) -> None:

