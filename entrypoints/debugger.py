@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 # isort: split
@@ -118,6 +119,15 @@ def set_phase(hook: Any | None, phase: str) -> None:
     from smdebug import modes
 
     hook.set_mode({TRAIN: modes.TRAIN, EVAL: modes.EVAL}[phase])
+
+
+def record_epoch_validation(hook: Any | None, valid_loss: float) -> None:
+    """Save the validation set's mean loss at the current (last) validation step, so that rules can
+    compare epochs instead of batches (no-op without a hook). Saved only if the hook config has
+    the contract.EPOCH_VALIDATION_COLLECTION collection."""
+    if hook is None:
+        return
+    hook.record_tensor_value(contract.EPOCH_VALIDATION_TENSOR, torch.tensor(valid_loss))
 
 
 def close(hook: Any | None) -> None:

@@ -97,7 +97,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-download", type=str_to_bool, default=False, help="let torchvision download weights"
     )
-    parser.add_argument("--freeze", default="last-block", choices=nets.FREEZE_POLICIES)
+    parser.add_argument(
+        "--freeze",
+        default="last-block",
+        choices=nets.FREEZE_POLICIES,
+        help="what stays fixed: the backbone (head), all but its last block (last-block), nothing (none); "
+        "batch norm keeps its ImageNet statistics unless none",
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--epochs", type=int, default=5)
@@ -618,6 +624,7 @@ def run_epoch(epoch: int, parts: Parts, loaders: Loaders, freeze: str, ctx: Dist
     parts.scheduler.step()
     debugger.set_phase(parts.hook, debugger.EVAL)
     valid_loss, valid_accuracy = evaluate(parts.model, parts.valid_criterion, loaders.valid, ctx)
+    debugger.record_epoch_validation(parts.hook, valid_loss)
     return {
         "epoch": epoch,
         "train_loss": train_loss,

@@ -76,23 +76,25 @@ def epoch_history(job_dir: Path) -> list[dict[str, float]]:
 
 
 def step_losses(job_dir: Path) -> dict[str, list[list[float]]]:
-    """{"train": [[train step, loss]], "validation": [[train step it follows, loss]]} from the tensors.
+    """{"train": [[train step, loss]], "validation": [[train step it follows, mean loss]]} from the tensors.
 
-    Validation steps are numbered apart from training steps; each is drawn at the number of
-    training steps done before it (known exactly when the training loss is saved every step).
+    Validation steps are numbered apart from training steps. A validation pass is drawn as one
+    point, the mean of its batches (single batches differ with the classes they hold), at the
+    number of training steps done before it (exact when the training loss is saved every step).
     """
     path = job_dir / LOSSES_FILE
     if not path.is_file():
         return {}
     series: dict[str, dict[str, list[list[float]]]] = read_json(path)
     train: list[list[float]] = []
-    validation: list[list[float]] = []
+    passes: dict[float, list[float]] = {}
     for by_mode in series.values():
         train_rows = by_mode.get("TRAIN") or by_mode.get("GLOBAL") or []
         train.extend([row[0], row[2]] for row in train_rows)
         for _, global_step, value in by_mode.get("EVAL") or []:
             before = [row[0] for row in train_rows if row[1] < global_step]
-            validation.append([max(before) + 1 if before else 0, value])
+            passes.setdefault(max(before) + 1 if before else 0, []).append(value)
+    validation = [[position, sum(values) / len(values)] for position, values in passes.items()]
     return {"train": sorted(train), "validation": sorted(validation)}
 
 

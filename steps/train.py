@@ -38,9 +38,12 @@ class DebugRule:
 
 
 DEBUG_RULES = (
+    # Epoch against epoch: the validation set's mean loss, which train.py records once per epoch.
+    # Per-batch losses vary with each batch's classes far more than 0.1% (the rule fired on noise).
     DebugRule(rule_configs.loss_not_decreasing,
-              {"use_losses_collection": "True", "num_steps": "10", "diff_percent": "0.1",
-               "increase_threshold_percent": "5"}, ("losses",)),
+              {"collection_names": contract.EPOCH_VALIDATION_COLLECTION, "use_losses_collection": "False",
+               "mode": "EVAL", "num_steps": "1", "diff_percent": "0.1", "increase_threshold_percent": "5"},
+              (contract.EPOCH_VALIDATION_COLLECTION,)),
     DebugRule(rule_configs.vanishing_gradient, {"threshold": "0.0000001"}, ("gradients",)),
     DebugRule(rule_configs.overfit, {"start_step": "0", "patience": "1", "ratio_threshold": "0.1"},
               ("losses",)),
@@ -60,6 +63,11 @@ PROFILER_RULES = (rule_configs.ProfilerReport, rule_configs.LowGPUUtilization)
 # ExplodingTensor. relu_input is not a default collection, and PoorWeightInitialization reads only
 # the first `steps` (10) steps of it, so nothing later is saved (activations are large).
 COLLECTION_PARAMETERS = {
+    # Losses are scalars: saved at every step, so that Overfit and Overtraining compare the true
+    # mean of each training and validation pass, not a sample of one or two batches.
+    "losses": {"save_interval": "1"},
+    contract.EPOCH_VALIDATION_COLLECTION: {"include_regex": f"{contract.EPOCH_VALIDATION_TENSOR}_output_.*",
+                                           "save_interval": "1"},
     "weights": {"save_interval": "100"},
     "biases": {"save_interval": "100"},
     "relu_input": {"include_regex": ".*relu_input", "end_step": "10"},

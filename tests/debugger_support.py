@@ -3,7 +3,7 @@
 `debug_training_step` takes the TrainWithDebugger step of the real pipeline definition (built
 offline, code bundles included) and makes it runnable alone: the data channels point at a small
 image tree in the store and the tuned hyperparameters get fixed values. What a test changes
-(hook intervals, a rule's parameters) it changes in that request, so everything else is what
+(a rule's parameters) it changes in that request, so everything else is what
 `kennel definition` emits. `write_trial` writes smdebug trials with smdebug's own hook, for
 rules whose trip would be slow or flaky to provoke with real training.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,14 +67,13 @@ def debug_training_step(
     data: Path,
     *,
     hyperparameters: Mapping[str, str] | None = None,
-    hook: Callable[[dict], None] | None = None,
     rules: Mapping[str, Mapping[str, str]] | None = None,
     keep_rules: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """The definition's TrainWithDebugger step, made runnable alone on `data` (train/ and valid/).
 
-    `hook(config)` edits the DebugHookConfig; `rules` overrides RuleParameters by rule name;
-    `keep_rules` keeps only those DebugRuleConfigurations.
+    `rules` overrides RuleParameters by rule name; `keep_rules` keeps only those
+    DebugRuleConfigurations.
     """
     import_objects(home, build.objects)
     store = ObjectStore(store_root(home))
@@ -90,8 +89,6 @@ def debug_training_step(
     arguments["HyperParameters"].update(hyperparameters or {})
     arguments["ResourceConfig"].update(InstanceType="ml.m5.large", InstanceCount=1)
     arguments.pop("CheckpointConfig", None)  # execution-scoped in the definition; not needed here
-    if hook is not None:
-        hook(arguments["DebugHookConfig"])
     configurations = arguments["DebugRuleConfigurations"]
     if keep_rules is not None:
         configurations[:] = [rule for rule in configurations if rule["RuleConfigurationName"] in keep_rules]
@@ -116,17 +113,6 @@ def evaluate_step(build: Any) -> dict[str, Any]:
     return step
 
 
-def every_step(*collections: str) -> Callable[[dict], None]:
-    """A hook edit that saves `collections` at every step (the definition saves every 10th)."""
-
-    def edit(config: dict) -> None:
-        for collection in config["CollectionConfigurations"]:
-            if collection["CollectionName"] in collections:
-                collection.setdefault("CollectionParameters", {})["save_interval"] = "1"
-
-    return edit
-
-
 def pipeline_of(*steps: dict[str, Any]) -> dict[str, Any]:
     return {"Version": "2020-12-01", "Metadata": {}, "Parameters": [], "Steps": list(steps)}
 
@@ -138,12 +124,11 @@ def statuses(record: Any, key: str = "DebugRuleEvaluationStatuses") -> dict[str,
 # --- real runs --------------------------------------------------------------------------------------
 
 FAST = RunOptions(stop_grace_seconds=1.0, cores=2)
-# Four classes; 16 training images per class and batch 32: two training steps per epoch; 5
-# validation images per class: one validation step per epoch (so "EVAL step" means "epoch").
-SPLITS = {"train": 16, "valid": 5, "test": 5}
+# Four classes and batch 32: 16 training images per class make two training steps per epoch, 10
+# validation images per class two validation steps, of different classes (the loader keeps the
+# folder order), so a rule that compared single validation batches would see class differences.
+SPLITS = {"train": 16, "valid": 10, "test": 5}
 RUN_HYPERPARAMETERS = {"batch-size": "32", "epochs": "3"}
-# With one validation step per epoch, LossNotDecreasing compares validation losses epoch to epoch.
-PER_EPOCH_LOSS_CHECK = {"LossNotDecreasing": {"mode": "EVAL", "num_steps": "1"}}
 
 
 @dataclass
@@ -175,15 +160,15 @@ def run_debug_pipeline(
     evaluate: bool = False,
 ) -> DebugRun:
     """TrainWithDebugger (and Evaluate) of the real definition on a small copy of the sample."""
-    data = copy_sample(root / "data", 4, SPLITS if evaluate else {"train": 16, "valid": 5}, shift=shift)
+    splits = SPLITS if evaluate else {name: SPLITS[name] for name in ("train", "valid")}
+    data = copy_sample(root / "data", 4, splits, shift=shift)
     home = root / "home"
     step = debug_training_step(
         build,
         home,
         data,
         hyperparameters={**RUN_HYPERPARAMETERS, **(hyperparameters or {})},
-        hook=every_step("losses"),
-        rules={**PER_EPOCH_LOSS_CHECK, **(rules or {})},
+        rules=rules,
         keep_rules=keep_rules,
     )
     steps = [step, evaluate_step(build)] if evaluate else [step]

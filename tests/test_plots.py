@@ -67,8 +67,10 @@ def test_training_curves_plot_the_runs_metrics_and_saved_losses(healthy_debug_ru
         float(trial.tensor(loss).value(step, mode=modes.EVAL))
         for step in trial.tensor(loss).steps(mode=modes.EVAL)
     ]
-    assert [value for _, value in drawn["loss_by_step"]["validation"]] == pytest.approx(validation)
-    # Each validation is drawn after the training steps of its epoch.
+    assert len(validation) == 6  # two validation batches per epoch
+    # Each validation pass is drawn once, as the mean of its batches, after its epoch's training steps.
+    passes = [(validation[i] + validation[i + 1]) / 2 for i in (0, 2, 4)]
+    assert [value for _, value in drawn["loss_by_step"]["validation"]] == pytest.approx(passes)
     assert [step for step, _ in drawn["loss_by_step"]["validation"]] == [2, 4, 6]
     assert describe_plots(stored.metadata) == [f"training_curves: {plot['Path']} ({plot['Uri']})"]
 
@@ -121,18 +123,19 @@ def test_epochs_come_from_the_metric_lines_when_the_script_wrote_no_history(tmp_
     check_png(plot.png, 800)
 
 
-def test_validation_losses_are_placed_after_the_training_steps_before_them(tmp_path: Path) -> None:
-    # [mode step, global step, value]: training saved every 2nd step, validation after steps 3 and 7.
+def test_validation_passes_are_placed_after_the_training_steps_before_them(tmp_path: Path) -> None:
+    # [mode step, global step, value]: training saved every 2nd step; a validation pass of one batch
+    # after training step 3 and one of two batches after step 7, drawn as their mean.
     series = {
         "loss": {
             "TRAIN": [[0, 0, 2.0], [2, 2, 1.8], [4, 5, 1.6], [6, 7, 1.4]],
-            "EVAL": [[0, 4, 1.9], [1, 9, 1.7]],
+            "EVAL": [[0, 4, 1.9], [1, 9, 1.5], [2, 10, 1.9]],
         }
     }
     write_json_atomic(tmp_path / "debugger" / "losses.json", series)
     assert step_losses(tmp_path) == {
         "train": [[0, 2.0], [2, 1.8], [4, 1.6], [6, 1.4]],
-        "validation": [[3, 1.9], [7, 1.7]],
+        "validation": [[3, 1.9], [7, pytest.approx(1.7)]],
     }
 
 
