@@ -69,9 +69,12 @@ def debug_training_step(
     hyperparameters: Mapping[str, str] | None = None,
     rules: Mapping[str, Mapping[str, str]] | None = None,
     keep_rules: tuple[str, ...] | None = None,
+    fast: bool = True,
 ) -> dict[str, Any]:
     """The definition's TrainWithDebugger step, made runnable alone on `data` (train/ and valid/).
 
+    `fast` swaps in FAST_HYPERPARAMETERS; without it the hyperparameters stay the definition's
+    (run it with the definition's parameters) and `hyperparameters` must give the tuned ones.
     `rules` overrides RuleParameters by rule name; `keep_rules` keeps only those
     DebugRuleConfigurations.
     """
@@ -85,7 +88,8 @@ def debug_training_step(
     for channel in arguments["InputDataConfig"]:
         if channel["ChannelName"] in ("train", "valid"):
             channel["DataSource"]["S3DataSource"]["S3Uri"] = f"{DATA}/{channel['ChannelName']}"
-    arguments["HyperParameters"].update(FAST_HYPERPARAMETERS)
+    if fast:
+        arguments["HyperParameters"].update(FAST_HYPERPARAMETERS)
     arguments["HyperParameters"].update(hyperparameters or {})
     arguments["ResourceConfig"].update(InstanceType="ml.m5.large", InstanceCount=1)
     arguments.pop("CheckpointConfig", None)  # execution-scoped in the definition; not needed here
@@ -113,8 +117,8 @@ def evaluate_step(build: Any) -> dict[str, Any]:
     return step
 
 
-def pipeline_of(*steps: dict[str, Any]) -> dict[str, Any]:
-    return {"Version": "2020-12-01", "Metadata": {}, "Parameters": [], "Steps": list(steps)}
+def pipeline_of(*steps: dict[str, Any], parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"Version": "2020-12-01", "Metadata": {}, "Parameters": parameters or [], "Steps": list(steps)}
 
 
 def statuses(record: Any, key: str = "DebugRuleEvaluationStatuses") -> dict[str, dict[str, Any]]:

@@ -15,7 +15,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from debugger_support import DebugRun, run_debug_pipeline, statuses, write_trial
+from debugger_support import (
+    FAST,
+    SAMPLE_DIR,
+    STEP,
+    DebugRun,
+    debug_training_step,
+    pipeline_of,
+    run_debug_pipeline,
+    statuses,
+    write_trial,
+)
 
 from local.debugger_rules import (
     ISSUES_FOUND,
@@ -27,6 +37,7 @@ from local.debugger_rules import (
     follow,
     parse_parameters,
 )
+from local.runner import run_pipeline
 
 # smdebug's generated protobuf modules warn on import under protobuf 3.20; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated create function:DeprecationWarning")
@@ -77,6 +88,29 @@ def test_every_rule_is_quiet_on_the_healthy_sample_run(healthy_debug_run: DebugR
     # Quiet because it looked, not because it saw nothing: the loss rules compared epochs.
     assert re.match(r"[1-9]\d* checks", found["LossNotDecreasing"]["StatusDetails"])
     assert re.match(r"[1-9]\d* checks", found["Overfit"]["StatusDetails"])
+
+
+@pytest.mark.slow
+def test_every_rule_is_quiet_on_the_default_local_training_of_the_whole_sample(offline_builds, tmp_path: Path) -> None:
+    # What `make pipeline-run` trains: the [local] settings of kennel.toml (the definition's parameter
+    # defaults: efficientnet_lite0, last block, 96 px, 2 epochs) with a learning rate from the middle
+    # of the tuned range, on all of data/sample (7 validation batches per epoch).
+    build = offline_builds["local"]
+    home = tmp_path / "home"
+    step = debug_training_step(
+        build, home, SAMPLE_DIR, fast=False, hyperparameters={"lr": "0.001", "batch-size": "32", "epochs": "2"}
+    )
+    execution = run_pipeline(
+        pipeline_of(step, parameters=build.definition["Parameters"]), {}, home, options=FAST
+    )
+    train = execution.steps[STEP]
+    assert execution.status == "Succeeded", execution.failure_reason
+    assert train.properties["HyperParameters"]["freeze"] == "last-block"
+    found = statuses(train)
+    assert len(found) >= 5
+    for name, status in found.items():
+        assert status["RuleEvaluationStatus"] == NO_ISSUES, (name, status["StatusDetails"])
+    assert re.match(r"[1-9]\d* checks", found["LossNotDecreasing"]["StatusDetails"])
 
 
 @pytest.mark.slow
