@@ -323,6 +323,14 @@ class LossNotDecreasing(LossTensorsMixin, BuiltInRule):
     def unusable(self) -> str | None:
         return self.no_losses()
 
+    def summary(self) -> str:
+        if not self.checks:
+            return (
+                f"nothing to compare: no saved loss had another at least num_steps "
+                f"({self.options['num_steps']}) steps before it (a single epoch?)"
+            )
+        return super().summary()
+
 
 class VanishingGradient(BuiltInRule):
     """A gradient whose mean absolute value is below `threshold` at a saved step."""

@@ -327,6 +327,8 @@ CASES = [
         NO_ISSUES,
         "2 checks",
     ),
+    # One saved loss in all (say, a one-epoch run of the per-epoch series): quiet, and says why.
+    ("LossNotDecreasing", {"num_steps": "2"}, [train_steps(losses(3.0))], LOSS, NO_ISSUES, "nothing to compare"),
     # The loss rose by more than increase_threshold_percent over its lowest value.
     (
         "LossNotDecreasing",
