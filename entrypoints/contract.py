@@ -45,12 +45,14 @@ TRAIN_CHANNELS = ("train", "valid")  # SM_CHANNEL_TRAIN, SM_CHANNEL_VALID
 # Per-epoch history (epoch, train_loss, valid_loss, valid_accuracy, seconds) that train.py rewrites
 # in SM_OUTPUT_DATA_DIR each epoch; the local runner plots it.
 EPOCH_METRICS_FILE = "metrics.json"
-# The whole validation set's mean loss, recorded with the Debugger hook at the last validation step
-# of each epoch (as <name>_output_0) in its own collection. Per-batch losses differ with the
-# batch's classes; this is the series LossNotDecreasing compares, epoch against epoch. The name
-# must not end in "loss": smdebug's losses collection takes every "*loss_*output" tensor.
+# Each epoch's mean training loss and the whole validation set's mean loss, recorded with the
+# Debugger hook (as <name>_output_0) at the last training and the last validation step of the
+# epoch, in their own collection: single batches differ with the classes they hold, so the loss
+# rules compare these, epoch against epoch. The names must not end in "loss": smdebug's losses
+# collection takes every "*loss_*output" tensor.
+EPOCH_TRAINING_TENSOR = "training_set_mean"
 EPOCH_VALIDATION_TENSOR = "validation_set_mean"
-EPOCH_VALIDATION_COLLECTION = "epoch_validation"
+EPOCH_MEANS_COLLECTION = "epoch_means"
 MODEL_WEIGHTS_FILE = "model.pth"  # a state_dict, loaded with torch.load(weights_only=True)
 MODEL_META_FILE = "model_meta.json"  # arch, class names, image size, normalization
 CHECKPOINT_FILE = "checkpoint.pth"

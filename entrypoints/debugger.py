@@ -121,13 +121,32 @@ def set_phase(hook: Any | None, phase: str) -> None:
     hook.set_mode({TRAIN: modes.TRAIN, EVAL: modes.EVAL}[phase])
 
 
-def record_epoch_validation(hook: Any | None, valid_loss: float) -> None:
-    """Save the validation set's mean loss at the current (last) validation step, so that rules can
-    compare epochs instead of batches (no-op without a hook). Saved only if the hook config has
-    the contract.EPOCH_VALIDATION_COLLECTION collection."""
+def save_epoch_ends(hook: Any | None, steps_per_epoch: int, epochs: int) -> None:
+    """Save the epoch-means collection in training mode only at the last step of each epoch.
+
+    The hook config saves it at every step (its tensors exist only where `record_epoch_mean` puts
+    them), but smdebug visits every module and parameter at each step any collection saves, which
+    at every training step costs more than the Debugger budget. No-op without the collection.
+    """
+    if hook is None or contract.EPOCH_MEANS_COLLECTION not in hook.collection_manager.collections:
+        return
+    from smdebug import modes
+    from smdebug.core.save_config import SaveConfig, SaveConfigMode
+
+    collection = hook.collection_manager.get(contract.EPOCH_MEANS_COLLECTION)
+    configured = collection.save_config.mode_save_configs if collection.save_config else {}
+    ends = [(epoch + 1) * steps_per_epoch - 1 for epoch in range(epochs)]
+    collection.save_config = SaveConfig(
+        mode_save_configs={**configured, modes.TRAIN: SaveConfigMode(save_steps=ends)}
+    )
+
+
+def record_epoch_mean(hook: Any | None, name: str, value: float) -> None:
+    """Save an epoch's mean loss (contract.EPOCH_TRAINING_TENSOR or EPOCH_VALIDATION_TENSOR) at the
+    current step, the last of the phase; no-op without a hook."""
     if hook is None:
         return
-    hook.record_tensor_value(contract.EPOCH_VALIDATION_TENSOR, torch.tensor(valid_loss))
+    hook.record_tensor_value(name, torch.tensor(value))
 
 
 def close(hook: Any | None) -> None:

@@ -621,10 +621,11 @@ def run_epoch(epoch: int, parts: Parts, loaders: Loaders, freeze: str, ctx: Dist
     train_loss = train_one_epoch(
         parts.wrapped, parts.model, freeze, parts.criterion, parts.optimizer, loaders.train, ctx
     )
+    debugger.record_epoch_mean(parts.hook, contract.EPOCH_TRAINING_TENSOR, train_loss)
     parts.scheduler.step()
     debugger.set_phase(parts.hook, debugger.EVAL)
     valid_loss, valid_accuracy = evaluate(parts.model, parts.valid_criterion, loaders.valid, ctx)
-    debugger.record_epoch_validation(parts.hook, valid_loss)
+    debugger.record_epoch_mean(parts.hook, contract.EPOCH_VALIDATION_TENSOR, valid_loss)
     return {
         "epoch": epoch,
         "train_loss": train_loss,
@@ -649,6 +650,7 @@ def train(args: argparse.Namespace, ctx: Distributed) -> None:
     path = checkpoint_path(args)
     # Every rank loads the same checkpoint, so weights, optimizer and schedule agree across ranks.
     progress = resume(path, parts.model, parts.optimizer, parts.scheduler, args, loaders.class_names)
+    debugger.save_epoch_ends(parts.hook, len(loaders.train), args.epochs - progress.start_epoch + 1)
     for epoch in range(progress.start_epoch, args.epochs + 1):
         record = run_epoch(epoch, parts, loaders, args.freeze, ctx)
         progress.history.append(record)

@@ -155,14 +155,21 @@ class Pass:
 
 
 class PassTracker:
-    """Groups the loss values of successive steps into passes; a pass closes when the mode changes."""
+    """Groups the loss values of successive steps into passes (a training pass, a validation pass).
+
+    A pass's steps have the same global step less mode step (the steps of other modes before
+    them), so a pass ends where another mode ran, whether or not that mode's steps were saved.
+    """
 
     def __init__(self) -> None:
         self.current: Pass | None = None
 
     def feed(self, mode: ModeKeys, mode_step: int, global_step: int, value: float) -> Pass | None:
         closed = None
-        if self.current is not None and self.current.mode != mode:
+        current = self.current
+        if current is not None and (
+            current.mode != mode or current.global_steps[0] - current.mode_steps[0] != global_step - mode_step
+        ):
             closed, self.current = self.current, None
         if self.current is None:
             self.current = Pass(mode)

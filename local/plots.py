@@ -80,7 +80,7 @@ def step_losses(job_dir: Path) -> dict[str, list[list[float]]]:
 
     Validation steps are numbered apart from training steps. A validation pass is drawn as one
     point, the mean of its batches (single batches differ with the classes they hold), at the
-    number of training steps done before it (exact when the training loss is saved every step).
+    number of training steps done before it: its global step less the validation steps before it.
     """
     path = job_dir / LOSSES_FILE
     if not path.is_file():
@@ -91,9 +91,8 @@ def step_losses(job_dir: Path) -> dict[str, list[list[float]]]:
     for by_mode in series.values():
         train_rows = by_mode.get("TRAIN") or by_mode.get("GLOBAL") or []
         train.extend([row[0], row[2]] for row in train_rows)
-        for _, global_step, value in by_mode.get("EVAL") or []:
-            before = [row[0] for row in train_rows if row[1] < global_step]
-            passes.setdefault(max(before) + 1 if before else 0, []).append(value)
+        for mode_step, global_step, value in by_mode.get("EVAL") or []:
+            passes.setdefault(global_step - mode_step, []).append(value)
     validation = [[position, sum(values) / len(values)] for position, values in passes.items()]
     return {"train": sorted(train), "validation": sorted(validation)}
 

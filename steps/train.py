@@ -38,15 +38,18 @@ class DebugRule:
 
 
 DEBUG_RULES = (
-    # Epoch against epoch: the validation set's mean loss, which train.py records once per epoch.
-    # Per-batch losses vary with each batch's classes far more than 0.1% (the rule fired on noise).
+    # The loss rules compare epochs: train.py records each epoch's mean training and validation loss
+    # (contract.EPOCH_MEANS_COLLECTION). Single batches differ with the classes they hold by far
+    # more than these thresholds: on them the rules fired on healthy runs.
     DebugRule(rule_configs.loss_not_decreasing,
-              {"collection_names": contract.EPOCH_VALIDATION_COLLECTION, "use_losses_collection": "False",
+              {"collection_names": contract.EPOCH_MEANS_COLLECTION, "use_losses_collection": "False",
                "mode": "EVAL", "num_steps": "1", "diff_percent": "0.1", "increase_threshold_percent": "5"},
-              (contract.EPOCH_VALIDATION_COLLECTION,)),
+              (contract.EPOCH_MEANS_COLLECTION,)),
     DebugRule(rule_configs.vanishing_gradient, {"threshold": "0.0000001"}, ("gradients",)),
-    DebugRule(rule_configs.overfit, {"start_step": "0", "patience": "1", "ratio_threshold": "0.1"},
-              ("losses",)),
+    DebugRule(rule_configs.overfit,
+              {"tensor_regex": f"{contract.EPOCH_TRAINING_TENSOR}_output_0,{contract.EPOCH_VALIDATION_TENSOR}_output_0",
+               "start_step": "0", "patience": "1", "ratio_threshold": "0.1"},
+              (contract.EPOCH_MEANS_COLLECTION,)),
     DebugRule(rule_configs.overtraining,
               {"patience_train": "5", "patience_validation": "10", "delta": "0.01"}, ("losses",)),
     DebugRule(rule_configs.poor_weight_initialization,
@@ -63,11 +66,15 @@ PROFILER_RULES = (rule_configs.ProfilerReport, rule_configs.LowGPUUtilization)
 # ExplodingTensor. relu_input is not a default collection, and PoorWeightInitialization reads only
 # the first `steps` (10) steps of it, so nothing later is saved (activations are large).
 COLLECTION_PARAMETERS = {
-    # Losses are scalars: saved at every step, so that Overfit and Overtraining compare the true
-    # mean of each training and validation pass, not a sample of one or two batches.
-    "losses": {"save_interval": "1"},
-    contract.EPOCH_VALIDATION_COLLECTION: {"include_regex": f"{contract.EPOCH_VALIDATION_TENSOR}_output_.*",
-                                           "save_interval": "1"},
+    # Every validation step: Overtraining compares whole validation passes. (Every training step
+    # would make smdebug visit the whole model at each step: more than the hook's budget.)
+    "losses": {"eval.save_interval": "1"},
+    # Recorded by train.py at the last step of each phase; train.py narrows the training-mode saves
+    # to the epochs' last steps, which it alone knows.
+    contract.EPOCH_MEANS_COLLECTION: {
+        "include_regex": f"{contract.EPOCH_TRAINING_TENSOR}_output_.*,{contract.EPOCH_VALIDATION_TENSOR}_output_.*",
+        "save_interval": "1",
+    },
     "weights": {"save_interval": "100"},
     "biases": {"save_interval": "100"},
     "relu_input": {"include_regex": ".*relu_input", "end_step": "10"},

@@ -28,10 +28,13 @@ from debugger_support import (
 )
 
 from local.debugger_rules import (
+    EVAL,
     ISSUES_FOUND,
     NO_ISSUES,
     RULES,
+    TRAIN,
     LossNotDecreasing,
+    PassTracker,
     RuleParameterError,
     Spec,
     follow,
@@ -392,6 +395,17 @@ def test_every_rule_reports_an_error_it_can_explain(tmp_path: Path) -> None:
         and "patience" in found["Typo"]["StatusDetails"]
     )
     assert "patience='two'" in found["NotANumber"]["StatusDetails"]
+
+
+def test_passes_end_where_another_mode_ran_even_if_it_saved_nothing() -> None:
+    # Training saved only at step 0 (global 0); validation at global 4-5, then, after training steps
+    # that saved nothing (global 6-8), again at global 9: two validation passes, not one.
+    tracker = PassTracker()
+    fed = [(TRAIN, 0, 0, 2.0), (EVAL, 0, 4, 1.0), (EVAL, 1, 5, 3.0), (EVAL, 2, 9, 0.5)]
+    closed = [tracker.feed(*row) for row in fed] + [tracker.close()]
+    passes = [item for item in closed if item is not None]
+    assert [(item.mode, item.values) for item in passes] == [(TRAIN, [2.0]), (EVAL, [1.0, 3.0]), (EVAL, [0.5])]
+    assert passes[1].mean == 2.0
 
 
 def test_a_job_that_wrote_no_tensors_is_an_error_not_a_pass(tmp_path: Path) -> None:

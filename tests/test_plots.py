@@ -61,7 +61,7 @@ def test_training_curves_plot_the_runs_metrics_and_saved_losses(healthy_debug_ru
         [step, float(trial.tensor(loss).value(step, mode=modes.TRAIN))]
         for step in trial.tensor(loss).steps(mode=modes.TRAIN)
     ]
-    assert len(saved) == 6  # two training steps per epoch, every step saved
+    assert [step for step, _ in saved] == [0]  # every 10th of the 6 training steps
     assert drawn["loss_by_step"]["train"] == saved  # the same float32 values, read the same way
     validation = [
         float(trial.tensor(loss).value(step, mode=modes.EVAL))
@@ -72,6 +72,16 @@ def test_training_curves_plot_the_runs_metrics_and_saved_losses(healthy_debug_ru
     passes = [(validation[i] + validation[i + 1]) / 2 for i in (0, 2, 4)]
     assert [value for _, value in drawn["loss_by_step"]["validation"]] == pytest.approx(passes)
     assert [step for step, _ in drawn["loss_by_step"]["validation"]] == [2, 4, 6]
+
+    # What the loss rules compare: each epoch's means, saved at the last step of each phase only.
+    for tensor, mode, metric in (
+        (contract.EPOCH_TRAINING_TENSOR, modes.TRAIN, "train:loss"),
+        (contract.EPOCH_VALIDATION_TENSOR, modes.EVAL, "valid:loss"),
+    ):
+        means = trial.tensor(f"{tensor}_output_0")
+        assert means.steps(mode=mode) == [1, 3, 5]
+        values = [float(means.value(step, mode=mode)) for step in (1, 3, 5)]
+        assert values == pytest.approx([row[metric] for row in printed], abs=1e-5)
     assert describe_plots(stored.metadata) == [f"training_curves: {plot['Path']} ({plot['Uri']})"]
 
 
@@ -125,7 +135,7 @@ def test_epochs_come_from_the_metric_lines_when_the_script_wrote_no_history(tmp_
 
 def test_validation_passes_are_placed_after_the_training_steps_before_them(tmp_path: Path) -> None:
     # [mode step, global step, value]: training saved every 2nd step; a validation pass of one batch
-    # after training step 3 and one of two batches after step 7, drawn as their mean.
+    # after training steps 0-3 and one of two batches after steps 4-7, drawn as their mean.
     series = {
         "loss": {
             "TRAIN": [[0, 0, 2.0], [2, 2, 1.8], [4, 5, 1.6], [6, 7, 1.4]],
@@ -135,7 +145,7 @@ def test_validation_passes_are_placed_after_the_training_steps_before_them(tmp_p
     write_json_atomic(tmp_path / "debugger" / "losses.json", series)
     assert step_losses(tmp_path) == {
         "train": [[0, 2.0], [2, 1.8], [4, 1.6], [6, 1.4]],
-        "validation": [[3, 1.9], [7, pytest.approx(1.7)]],
+        "validation": [[4, 1.9], [8, pytest.approx(1.7)]],
     }
 
 
