@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 KENNEL := $(VENV)/bin/kennel
 STAMP := $(VENV)/.installed
 
-# Pass-through knobs: make pipeline-run TARGET=aws DATA=path/to/images PARAMS="TuningMaxJobs=4"
+# Pass-through knobs: make pipeline-run TARGET=aws DATA=path/to/images PARAMS="MaxJobs=4"
 TARGET ?=
 DATA ?=
 PARAMS ?=

@@ -113,8 +113,8 @@ def tune_step(ctx: StepContext, prepare: ProcessingStep) -> ParameterizedTuningS
         name=NAME,
         step_args=tuner.tune(inputs=training_channels(prepare)),
         resource_limits={
-            "MaxNumberOfTrainingJobs": params["TuningMaxJobs"],
-            "MaxParallelTrainingJobs": params["TuningMaxParallelJobs"],
+            "MaxNumberOfTrainingJobs": params["MaxJobs"],
+            "MaxParallelTrainingJobs": params["MaxParallelJobs"],
         },
         description="Search lr, batch size and epochs; minimize the validation loss",
         cache_config=cache_config(config),

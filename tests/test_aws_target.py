@@ -102,11 +102,11 @@ def test_upsert_needs_a_role_and_a_bucket(aws_env):
 
 
 def test_run_passes_parameter_overrides_and_waits(upserted):
-    execution = upserted.start({"Epochs": "2", "TuningMaxJobs": "8", "Architecture": "resnet50"}, wait=True)
+    execution = upserted.start({"Epochs": "2", "MaxJobs": "8", "Architecture": "resnet50"}, wait=True)
     assert execution.status == "Succeeded" and execution.finished
-    assert execution.parameters == {"Epochs": "2", "TuningMaxJobs": "8", "Architecture": "resnet50"}
+    assert execution.parameters == {"Epochs": "2", "MaxJobs": "8", "Architecture": "resnet50"}
     recorded = sagemaker().list_pipeline_parameters_for_execution(PipelineExecutionArn=execution.execution_arn)
-    assert {p["Name"]: p["Value"] for p in recorded["PipelineParameters"]}["TuningMaxJobs"] == "8"
+    assert {p["Name"]: p["Value"] for p in recorded["PipelineParameters"]}["MaxJobs"] == "8"
 
 
 def test_run_before_upsert_says_to_upsert(target):

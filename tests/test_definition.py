@@ -242,8 +242,8 @@ def test_tuning_minimizes_the_validation_loss_that_train_py_prints(offline_build
     assert config["HyperParameterTuningJobObjective"] == {"Type": "Minimize", "MetricName": contract.OBJECTIVE_METRIC}
     assert config["Strategy"] == "Bayesian"
     assert config["TrainingJobEarlyStoppingType"] == "Auto"
-    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": {"Get": "Parameters.TuningMaxJobs"},
-                                        "MaxParallelTrainingJobs": {"Get": "Parameters.TuningMaxParallelJobs"}}
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": {"Get": "Parameters.MaxJobs"},
+                                        "MaxParallelTrainingJobs": {"Get": "Parameters.MaxParallelJobs"}}
     lr = config["ParameterRanges"]["ContinuousParameterRanges"][0]
     assert lr["ScalingType"] == "Logarithmic"
     assert config["ParameterRanges"]["IntegerParameterRanges"][0]["MaxValue"] == {

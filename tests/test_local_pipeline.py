@@ -30,7 +30,7 @@ CLASSES = sorted(folder.name for folder in (SAMPLE / "test").iterdir())
 # One epoch at 64 px is a weak model, so the gate is set above chance level (ln 10 = 2.3):
 # this file tests the mechanics; test_scripts_end_to_end tests the quality of the defaults.
 THRESHOLD = 3.0
-SMALL = ["TuningMaxJobs=2", "TuningMaxParallelJobs=2", "Epochs=1", "ImageSize=64", f"TestLossThreshold={THRESHOLD}"]
+SMALL = ["MaxJobs=2", "MaxParallelJobs=2", "Epochs=1", "ImageSize=64", f"TestLossThreshold={THRESHOLD}"]
 
 pytestmark = pytest.mark.slow
 

@@ -39,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "studio"
 SAMPLE_IMAGE = REPO_ROOT / "data" / "sample" / "test" / "bag" / "t10k-00018.png"
 CLASS_NAMES = sorted(p.name for p in (REPO_ROOT / "data" / "sample" / "test").iterdir() if p.is_dir())
-SMALL_RUN = ["--param", "TuningMaxJobs=2", "--param", "Epochs=1", "--param", "ImageSize=32"]
+SMALL_RUN = ["--param", "MaxJobs=2", "--param", "Epochs=1", "--param", "ImageSize=32"]
 ENDPOINT = "kennel-endpoint"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
