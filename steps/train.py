@@ -134,7 +134,9 @@ def train_step(ctx: StepContext, prepare: ProcessingStep, tune: TuningStep) -> D
     # No CheckpointConfig: it is part of the step's cache key, and an S3 checkpoint path shared
     # across executions would let one execution resume another's run, while one per execution
     # would never hit the cache. train.py checkpoints locally either way.
-    trainer = model_trainer(ctx, f"{config.pipeline_name}-train", hyperparameters)
+    # torchrun, so that TrainingInstanceCount > 1 or a multi-GPU instance trains one model together.
+    # (Tuning trials keep one process per host: the tuner starts them the framework-toolkit way.)
+    trainer = model_trainer(ctx, f"{config.pipeline_name}-train", hyperparameters, distributed=True)
     # The tuner sets metric definitions on its trials; this job needs its own so that SageMaker (and
     # the local runner) fill FinalMetricDataList and Studio charts its epochs.
     trainer.with_metric_definitions([MetricDefinition(name=d["Name"], regex=d["Regex"])

@@ -8,6 +8,7 @@ from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter, 
 from sagemaker.core.shapes import OutputDataConfig, StoppingCondition
 from sagemaker.core.training.configs import Compute, InputData, SourceCode
 from sagemaker.mlops.workflow.steps import ProcessingStep, TuningStep
+from sagemaker.train.distributed import Torchrun
 from sagemaker.train.model_trainer import ModelTrainer
 from sagemaker.train.tuner import HyperparameterTuner
 
@@ -65,8 +66,13 @@ def static_hyperparameters(ctx: StepContext) -> dict[str, Any]:
     }
 
 
-def model_trainer(ctx: StepContext, base_job_name: str, hyperparameters: dict[str, Any]) -> ModelTrainer:
-    """A ModelTrainer running train.py from the shared code bundle."""
+def model_trainer(ctx: StepContext, base_job_name: str, hyperparameters: dict[str, Any],
+                  distributed: bool = False) -> ModelTrainer:
+    """A ModelTrainer running train.py from the shared code bundle.
+
+    `distributed` starts train.py under torchrun, one process per GPU of every instance
+    (TrainingInstanceCount hosts), instead of once per host.
+    """
     config, params = ctx.config, ctx.params
     return ModelTrainer(
         training_image=training_image(config),
@@ -81,6 +87,7 @@ def model_trainer(ctx: StepContext, base_job_name: str, hyperparameters: dict[st
         base_job_name=base_job_name,
         hyperparameters=hyperparameters,
         environment={"PYTHONUNBUFFERED": "1"},
+        distributed=Torchrun() if distributed else None,
     )
 
 

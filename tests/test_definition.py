@@ -236,6 +236,37 @@ def test_training_takes_the_best_trials_hyperparameters(offline_builds):
         assert hyperparameters[name] == {"Get": f"Steps.Tune.BestTrainingJob.TunedHyperParameters['{name}']"}
 
 
+def test_final_training_runs_under_torchrun_across_every_gpu_and_instance(offline_builds, tmp_path):
+    """The drivers uploaded for TrainWithDebugger make the SDK's own torchrun driver launch train.py
+    once per GPU on every host, so TrainingInstanceCount > 1 trains one model, not N copies."""
+    import subprocess
+    import sys
+
+    build = offline_builds["aws"]
+    train = all_steps(build.definition)["TrainWithDebugger"]["Arguments"]
+    drivers_uri = next(channel["DataSource"]["S3DataSource"]["S3Uri"] for channel in train["InputDataConfig"]
+                       if channel["ChannelName"] == "sm_drivers").rstrip("/") + "/"
+    drivers = {key[len(drivers_uri):]: body for key, body in build.objects.items() if key.startswith(drivers_uri)}
+    assert json.loads(drivers["sourcecode.json"])["entry_script"] == "train.py"
+    assert "distributed_drivers/torchrun_driver.py" in drivers["sm_train.sh"].decode()
+    distributed = json.loads(drivers["distributed.json"])
+    assert distributed["process_count_per_node"] is None  # the driver's default: one per GPU
+    for name, body in drivers.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(body)
+    probe = ("import json, torchrun_driver; print(json.dumps(torchrun_driver.create_commands()))")
+    environment = {"SM_ENTRY_SCRIPT": "train.py", "SM_DISTRIBUTED_CONFIG": json.dumps(distributed),
+                   "SM_HPS": json.dumps({"lr": "0.001"}), "SM_HOST_COUNT": "2", "SM_NUM_GPUS": "4",
+                   "SM_MASTER_ADDR": "algo-1", "SM_MASTER_PORT": "7777", "SM_CURRENT_HOST_RANK": "1",
+                   "PATH": "/usr/bin:/bin"}
+    completed = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path / "distributed_drivers",
+                               env=environment, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    command = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert command[:3] == ["torchrun", "--nnodes=2", "--nproc_per_node=4"]
+    assert "--node_rank=1" in command and "train.py" in command
+
+
 def test_tuning_minimizes_the_validation_loss_that_train_py_prints(offline_builds):
     tune = all_steps(offline_builds["local"].definition)["Tune"]["Arguments"]
     config = tune["HyperParameterTuningJobConfig"]
