@@ -92,6 +92,11 @@ class EndpointError(Exception):
     """An endpoint operation that cannot be done; the message names the endpoint and the fix."""
 
 
+class EndpointBusy(EndpointError):
+    """Another process held the endpoint's lock too long: unlike other EndpointErrors, trying
+    again later may succeed."""
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A model package as an endpoint serves it: which package, and where it is unpacked."""
@@ -303,7 +308,7 @@ def endpoint_lock(home: Path, name: str, timeout: float = LOCK_TIMEOUT_S) -> Ite
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise EndpointError(
+                    raise EndpointBusy(
                         f"endpoint {name!r} is being changed by another kennel process (lock {path} held for "
                         f"over {timeout:.0f}s); wait for it, or stop that process"
                     ) from None

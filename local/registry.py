@@ -82,6 +82,10 @@ class RegistryError(Exception):
     """A request the registry refuses; the message names the input and the fix."""
 
 
+class RegistryBusy(RegistryError):
+    """Another process's transaction kept the registry locked: trying again may succeed."""
+
+
 class PackageNotFound(RegistryError):
     """No package (or group) by that name."""
 
@@ -299,7 +303,7 @@ class LocalRegistry:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
             db.close()
-            raise RegistryError(
+            raise RegistryBusy(
                 f"the local registry {self.path} stayed locked for {LOCK_TIMEOUT_S:.0f}s ({error}); "
                 f"another kennel process is writing to it: try again"
             ) from None

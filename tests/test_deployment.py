@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
-from serving_support import ENDPOINT, GROUP, Tarballs, register, sample_png, server_processes, top_label
+from serving_support import (
+    ENDPOINT,
+    GROUP,
+    Tarballs,
+    not_a_tarball,
+    register,
+    sample_png,
+    server_processes,
+    top_label,
+)
 
 from local import deployment, endpoints
+from local import registry as registry_module
 from local.endpoints import IN_SERVICE, OUT_OF_SERVICE
 from local.registry import APPROVED, PENDING, REJECTED, LocalRegistry, RegistryError
+from local.runner import RunOptions, run_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,3 +163,51 @@ def test_two_processes_approving_at_once_deploy_the_newest_once(
     assert [process.pid for process in server_processes(kennel_home)] == [endpoint.pid]
     registry = LocalRegistry(kennel_home)
     assert [p["ModelPackageVersion"] for p in registry.list_model_packages(GROUP, APPROVED)] == [1, 2]
+
+
+# --- the pipeline's Deploy step, with the definition's own retry policies ------------------------
+def deploy_step_pipeline(offline_builds, retry_policies: list | None = None) -> dict:
+    """The local definition cut down to its Deploy step (parameters kept, DependsOn dropped)."""
+    full = offline_builds["local"].definition
+    condition = next(step for step in full["Steps"] if step["Type"] == "Condition")
+    step = next(step for step in condition["Arguments"]["IfSteps"] if step["Name"] == "Deploy")
+    step = {key: value for key, value in step.items() if key != "DependsOn"}
+    if retry_policies is not None:
+        step["RetryPolicies"] = retry_policies
+    return {**full, "Steps": [step]}
+
+
+def test_a_deploy_that_cannot_work_fails_at_once_instead_of_being_retried(
+    kennel_home: Path, offline_builds, tmp_path: Path
+) -> None:
+    pipeline = deploy_step_pipeline(offline_builds)
+    assert any("Step.SERVICE_FAULT" in policy["ExceptionType"] for policy in pipeline["Steps"][0]["RetryPolicies"])
+    register(kennel_home, not_a_tarball(tmp_path / "model.tar.gz"), APPROVED)
+    started = time.monotonic()
+    execution = run_pipeline(pipeline, {}, kennel_home, options=RunOptions(stop_grace_seconds=1.0))
+    record = execution.steps["Deploy"]
+    assert (execution.status, record.status, record.attempt_count) == ("Failed", "Failed", 1)
+    assert record.metadata["FailureType"] == "ClientError"
+    assert "is not a readable model.tar.gz" in record.failure_reason
+    assert time.monotonic() - started < 30  # a retried SERVICE_FAULT would wait 5 + 10 + 20 + ... seconds
+    assert server_processes(kennel_home) == []
+
+
+def test_a_registry_held_by_another_process_is_retried(
+    kennel_home: Path, offline_builds, tarballs: Tarballs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(kennel_home, tarballs.original, PENDING)
+    monkeypatch.setattr(registry_module, "LOCK_TIMEOUT_S", 0.2)
+    quick = [{"ExceptionType": ["Step.SERVICE_FAULT"], "IntervalSeconds": 0.1, "BackoffRate": 1.0, "MaxAttempts": 2}]
+    holder = sqlite3.connect(registry_module.registry_path(kennel_home), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process writing, for longer than the registry waits
+    try:
+        execution = run_pipeline(deploy_step_pipeline(offline_builds, quick), {}, kennel_home,
+                                 options=RunOptions(stop_grace_seconds=1.0))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    record = execution.steps["Deploy"]
+    assert (record.status, record.attempt_count) == ("Failed", 3)  # 1 + MaxAttempts retries
+    assert {attempt["FailureType"] for attempt in record.attempts} == {"Step.SERVICE_FAULT"}
+    assert "stayed locked" in record.failure_reason

@@ -32,7 +32,7 @@ class RegisterModelHandler:
             )
             package = registry.describe_model_package(created["ModelPackageArn"])
         except RegistryError as error:
-            return StepResult.failed(f"registering the model: {error}", CLIENT_ERROR)
+            return StepResult.failed(f"registering the model: {error}", failure_type(error))
         status = package["ModelApprovalStatus"]
         context.progress.step_line(
             step["Name"], f"registered {package['ModelPackageGroupName']} version "
@@ -64,11 +64,25 @@ class DeployHandler:
         try:
             result = deploy_newest_approved(self.home, options["--model-package-group"], options["--endpoint-name"])
         except USER_ERRORS as error:
-            return StepResult.failed(f"deploying: {error}", SERVICE_FAULT)
+            return StepResult.failed(f"deploying: {error}", failure_type(error))
         context.progress.step_line(step["Name"], result.message)
         properties = {"ProcessingJobName": context.job_name, "ProcessingJobStatus": "Completed",
                       "ExitMessage": result.message, "Deployment": result.to_json()}
         return StepResult.succeeded(properties)
+
+
+def failure_type(error: Exception) -> str:
+    """How a registry or endpoint error is retried under the step's RetryPolicies.
+
+    A bad artifact, a model that does not load or a bad request fails the same way on every
+    attempt: a client error, never retried (retrying Step.SERVICE_FAULT would start the model
+    server again and again, for minutes). Only another process holding the endpoint or the
+    registry is transient, a service fault worth another attempt.
+    """
+    from local.endpoints import EndpointBusy
+    from local.registry import RegistryBusy
+
+    return SERVICE_FAULT if isinstance(error, (EndpointBusy, RegistryBusy)) else CLIENT_ERROR
 
 
 def _options(argv: list) -> dict[str, str]:
