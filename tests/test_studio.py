@@ -19,7 +19,10 @@ from typing import Any
 
 import pytest
 
-from local.state import FAILED, SUCCEEDED, ExecutionStore, StepRecord
+from local.debugger_monitor import FOLDER as DEBUGGER_FOLDER
+from local.debugger_monitor import STATUS_FILE as RULE_STATUS_FILE
+from local.files import write_json_atomic
+from local.state import EXECUTING, FAILED, SUCCEEDED, ExecutionStore, StepRecord, current_process, now
 from local.studio.server import StudioServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -251,6 +254,50 @@ def test_execution_and_step_views(studio: tuple[Studio, str]) -> None:
     whole = client.get_json(train["LogUrl"] + "?whole=1")
     assert len(whole["Text"].splitlines()) == 301 and not whole["Truncated"]
     assert client.request("GET", f"/api/executions/{execution_id}/steps/Register")[0] == 404  # never started
+
+
+def test_a_running_training_step_shows_the_live_rule_statuses(tmp_path: Path) -> None:
+    """While the job runs, its rule statuses come from the file the rule evaluator rewrites (as in
+    `kennel status`); once the job has ended, from the step's DebugRuleEvaluationStatuses."""
+    home = tmp_path / "home"
+    store = ExecutionStore(home)
+    definition = {"Version": "2020-12-01", "Parameters": [],
+                  "Steps": [{"Name": "TrainWithDebugger", "Type": "Training", "Arguments": {}}]}
+    execution = store.create(definition, "demo", {})
+    execution.runner = current_process()  # a live runner: the state is not read as interrupted
+    store.save(execution)
+    job_dir = execution.folder / "jobs" / "TrainWithDebugger-1"
+    live = {"Finished": False, "Statuses": [
+        {"RuleConfigurationName": "LossNotDecreasing", "RuleEvaluationStatus": "InProgress", "StatusDetails": ""},
+        {"RuleConfigurationName": "ExplodingTensor", "RuleEvaluationStatus": "IssuesFound",
+         "StatusDetails": "step 3: " + HOSTILE_LINE}]}
+    write_json_atomic(job_dir / DEBUGGER_FOLDER / RULE_STATUS_FILE, live)
+    record = StepRecord("TrainWithDebugger", "Training", EXECUTING, start_time=now(), job_dir=str(job_dir))
+    store.save_step(execution.execution_id, record)
+    path = f"/api/executions/{execution.execution_id}/steps/TrainWithDebugger"
+    with StudioServer(home, port=0) as server:
+        client = Studio(home.resolve(), server)
+
+        def shown() -> dict[str, str]:
+            rules = client.get_json(path)["DebugRules"]
+            return {rule["RuleConfigurationName"]: rule["RuleEvaluationStatus"] for rule in rules}
+
+        assert shown() == {"LossNotDecreasing": "InProgress", "ExplodingTensor": "IssuesFound"}
+        assert b"<" not in client.request("GET", path)[2]  # a rule's details stay inert too
+
+        # The job ended: the settled statuses win over the file's last state.
+        record.status = SUCCEEDED
+        record.properties = {"DebugRuleEvaluationStatuses": [
+            {"RuleConfigurationName": "LossNotDecreasing", "RuleEvaluationStatus": "NoIssuesFound"}]}
+        store.save_step(execution.execution_id, record)
+        assert shown() == {"LossNotDecreasing": "NoIssuesFound"}
+
+        # A job folder edited to lie outside the state folder is not read.
+        outside = tmp_path / "elsewhere"
+        write_json_atomic(outside / DEBUGGER_FOLDER / RULE_STATUS_FILE, live)
+        record.status, record.properties, record.job_dir = EXECUTING, {}, str(outside)
+        store.save_step(execution.execution_id, record)
+        assert shown() == {}
 
 
 # --- the command --------------------------------------------------------------------------------------

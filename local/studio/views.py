@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from entrypoints.contract import EVALUATION_METRICS_KEY, METRIC_DEFINITIONS
+from local.debugger_monitor import FOLDER as DEBUGGER_FOLDER
+from local.debugger_monitor import STATUS_FILE as RULE_STATUS_FILE
 from local.endpoints import list_endpoints
 from local.expressions import ExpressionError, Scope, referenced_steps, resolve
 from local.files import read_json
@@ -221,7 +223,7 @@ def step_view(home: Path, execution_id: str, step: str) -> dict[str, Any]:
         "Trials": trials(properties),
         "Evaluation": evaluation(properties),
         "Conditions": metadata.get("EvaluatedConditions") or properties.get("EvaluatedConditions"),
-        "DebugRules": properties.get("DebugRuleEvaluationStatuses") or [],
+        "DebugRules": debug_rule_statuses(home, record),
         "ProfilerRules": properties.get("ProfilerRuleEvaluationStatuses") or [],
         "ProfilerReportUrl": f"{base}/files/profiler-report/0" if profiler_report else None,
         "Plots": [
@@ -257,6 +259,23 @@ def _arguments(home: Path, execution: Execution, record: StepRecord) -> tuple[An
         return resolve(raw, scope), True
     except (ExpressionError, StoreError, ValueError, KeyError, TypeError):
         return raw, False
+
+
+def debug_rule_statuses(home: Path, record: StepRecord) -> list[dict[str, Any]]:
+    """The job's DebugRuleEvaluationStatuses once it has ended. Until then (and for a job that died
+    before settling them) the statuses the rule evaluator keeps rewriting in the job folder, as
+    `kennel status` shows them: InProgress while a rule waits for more steps."""
+    settled = record.properties.get("DebugRuleEvaluationStatuses")
+    if settled is not None or not record.job_dir:
+        return settled or []
+    live = _recorded_file(home, str(Path(record.job_dir) / DEBUGGER_FOLDER / RULE_STATUS_FILE))
+    if live is None:
+        return []
+    try:
+        statuses = read_json(live).get("Statuses") or []
+        return [status for status in statuses if isinstance(status, Mapping)]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []  # the evaluator replaces the file atomically, so this is a broken file, not a race
 
 
 def metrics(properties: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -465,6 +484,7 @@ __all__ = [
     "NotFound",
     "RegistryError",
     "dag",
+    "debug_rule_statuses",
     "endpoints_view",
     "execution_view",
     "executions_view",
