@@ -12,9 +12,11 @@ TARGET ?=
 DATA ?=
 PARAMS ?=
 IMAGE ?=
+VERSION ?=
+REASON ?=
 TARGET_FLAG := $(if $(TARGET),--target $(TARGET),)
 
-.PHONY: install test lint bench sample lock clean \
+.PHONY: install browser test lint bench sample lock clean \
         pipeline-definition pipeline-upsert pipeline-run pipeline-status approve reject models \
         endpoints predict studio
 
@@ -29,7 +31,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip check
 	touch $(STAMP)
 
-test: $(STAMP)
+# The studio's browser tests drive Debian's chromium; Playwright never downloads a browser.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for the studio's browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "the studio's browser tests need chromium on PATH: sudo apt-get install chromium"; exit 2; \
+	  fi; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 # Speed and overhead figures, each measured against its target and written to bench/results/.
@@ -67,11 +79,13 @@ pipeline-status: $(STAMP)
 models: $(STAMP)
 	$(KENNEL) models $(TARGET_FLAG)
 
+# make approve [VERSION=N] [REASON="..."]: the newest package unless VERSION names one.
+DECISION_FLAGS = $(if $(VERSION),--version $(VERSION),--latest) $(if $(REASON),--reason "$(REASON)",)
 approve: $(STAMP)
-	$(KENNEL) approve $(TARGET_FLAG) --latest
+	$(KENNEL) approve $(TARGET_FLAG) $(DECISION_FLAGS)
 
 reject: $(STAMP)
-	$(KENNEL) reject $(TARGET_FLAG) --latest
+	$(KENNEL) reject $(TARGET_FLAG) $(DECISION_FLAGS)
 
 endpoints: $(STAMP)
 	$(KENNEL) endpoints $(TARGET_FLAG)

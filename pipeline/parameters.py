@@ -37,7 +37,7 @@ SPECS: tuple[ParameterSpec, ...] = (
     ParameterSpec("TrainingInstanceType", "String", lambda c: c.training_instance_type,
                   "instance type of every tuning trial and of the final training job"),
     ParameterSpec("TrainingInstanceCount", "Integer", lambda c: c.training_instance_count,
-                  "instances per training job"),
+                  "instances of the final training job (torchrun across them); tuning trials use one each"),
     ParameterSpec("MaxJobs", "Integer", lambda c: c.max_jobs,
                   "tuning trials in total (the tuning job's MaxNumberOfTrainingJobs)"),
     ParameterSpec("MaxParallelJobs", "Integer", lambda c: c.max_parallel_jobs,

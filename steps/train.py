@@ -135,7 +135,6 @@ def train_step(ctx: StepContext, prepare: ProcessingStep, tune: TuningStep) -> D
     # across executions would let one execution resume another's run, while one per execution
     # would never hit the cache. train.py checkpoints locally either way.
     # torchrun, so that TrainingInstanceCount > 1 or a multi-GPU instance trains one model together.
-    # (Tuning trials keep one process per host: the tuner starts them the framework-toolkit way.)
     trainer = model_trainer(ctx, f"{config.pipeline_name}-train", hyperparameters, distributed=True)
     # The tuner sets metric definitions on its trials; this job needs its own so that SageMaker (and
     # the local runner) fill FinalMetricDataList and Studio charts its epochs.

@@ -70,15 +70,17 @@ def model_trainer(ctx: StepContext, base_job_name: str, hyperparameters: dict[st
                   distributed: bool = False) -> ModelTrainer:
     """A ModelTrainer running train.py from the shared code bundle.
 
-    `distributed` starts train.py under torchrun, one process per GPU of every instance
-    (TrainingInstanceCount hosts), instead of once per host.
+    `distributed` starts train.py under torchrun, one process per GPU on each of the
+    TrainingInstanceCount instances. Otherwise the job runs one process on one instance: the tuner
+    starts its trials the framework-toolkit way, which would run independent copies of train.py on
+    extra instances, so trials scale out through MaxParallelJobs instead.
     """
     config, params = ctx.config, ctx.params
     return ModelTrainer(
         training_image=training_image(config),
         source_code=SourceCode(source_dir=ctx.source_dir, entry_script="train.py"),
         compute=Compute(instance_type=params["TrainingInstanceType"],
-                        instance_count=params["TrainingInstanceCount"]),
+                        instance_count=params["TrainingInstanceCount"] if distributed else 1),
         stopping_condition=StoppingCondition(max_runtime_in_seconds=config.max_runtime_seconds),
         output_data_config=OutputDataConfig(s3_output_path=static_s3_uri(config, base_job_name),
                                             compression_type="GZIP"),

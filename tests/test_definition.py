@@ -243,7 +243,11 @@ def test_final_training_runs_under_torchrun_across_every_gpu_and_instance(offlin
     import sys
 
     build = offline_builds["aws"]
-    train = all_steps(build.definition)["TrainWithDebugger"]["Arguments"]
+    steps = all_steps(build.definition)
+    train = steps["TrainWithDebugger"]["Arguments"]
+    assert train["ResourceConfig"]["InstanceCount"] == {"Get": "Parameters.TrainingInstanceCount"}
+    # A trial would run independent copies of train.py on extra instances: one instance each.
+    assert steps["Tune"]["Arguments"]["TrainingJobDefinition"]["ResourceConfig"]["InstanceCount"] == 1
     drivers_uri = next(channel["DataSource"]["S3DataSource"]["S3Uri"] for channel in train["InputDataConfig"]
                        if channel["ChannelName"] == "sm_drivers").rstrip("/") + "/"
     drivers = {key[len(drivers_uri):]: body for key, body in build.objects.items() if key.startswith(drivers_uri)}
