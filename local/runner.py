@@ -58,6 +58,7 @@ from local.retry import parse_policies, retry_delay
 from local.state import (
     EXECUTING,
     FAILED,
+    JOB_NAME_VARIABLES,
     STARTING,
     STOPPED,
     STOPPING,
@@ -451,9 +452,9 @@ class _Run:
         record.failure_reason, record.end_time = None, None
         self._set_status(record, STARTING)
         try:
-            arguments = resolve(node.step.get("Arguments") or {}, self._scope(job_name))
+            arguments = resolve(node.step.get("Arguments") or {}, self._scope(job_name, node.type))
         except ExpressionError as error:
-            return StepResult.failed(str(error), "ClientError"), None
+            return StepResult.failed(_explain_expression_error(error, node.type), "ClientError"), None
         key = self._cache_key(node, arguments)
         if key is not None and self._serve_from_cache(node, record, key):
             return None, None
@@ -497,9 +498,11 @@ class _Run:
         if entry is None or entry.get("PipelineExecutionId") == self.execution.execution_id:
             return False
         record.cache_hit = {"SourcePipelineExecutionArn": entry["SourcePipelineExecutionArn"]}
+        cached = entry["Properties"]
         record.job_name = (
-            entry["Properties"].get("ProcessingJobName")
-            or entry["Properties"].get("TrainingJobName")
+            cached.get("ProcessingJobName")
+            or cached.get("TrainingJobName")
+            or cached.get("HyperParameterTuningJobName")
             or record.job_name
         )
         log_note(
@@ -563,7 +566,7 @@ class _Run:
     def _save(self, record: StepRecord) -> None:
         self.runner.executions.save_step(self.execution.execution_id, record)
 
-    def _scope(self, job_name: str | None) -> Scope:
+    def _scope(self, job_name: str | None, step_type: str | None = None) -> Scope:
         execution = self.execution
         with self.lock:
             steps = {
@@ -572,12 +575,25 @@ class _Run:
                 if record.status == SUCCEEDED
             }
         return Scope(
-            parameters=execution.parameters, execution=execution.variables(job_name), steps=steps,
+            parameters=execution.parameters, execution=execution.variables(job_name, step_type=step_type), steps=steps,
             read_json=self._read_json,
         )
 
     def _read_json(self, uri: str) -> Any:
         return json.loads(self.runner.store.read_bytes(uri))
+
+
+def _explain_expression_error(error: ExpressionError, step_type: str) -> str:
+    """The error, and why when it is a job-name variable used outside the step that defines it."""
+    message = str(error)
+    for kind, name in JOB_NAME_VARIABLES.items():
+        if f"Execution.{name}" in message and step_type != kind:
+            return (
+                f"{message}: SageMaker defines Execution.{name} only in {kind} steps (the job that step "
+                f"launches); this is a {step_type} step"
+                + (", whose training jobs the tuner names itself" if step_type == "Tuning" else "")
+            )
+    return message
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9]+")

@@ -35,6 +35,8 @@ STARTING = "Starting"
 EXECUTION_STATUSES = (EXECUTING, STOPPING, STOPPED, FAILED, SUCCEEDED)
 STEP_STATUSES = (STARTING, EXECUTING, STOPPING, STOPPED, FAILED, SUCCEEDED)
 LIVE_STATUSES = (STARTING, EXECUTING, STOPPING)
+# Execution variables that name the job of one step type, and nothing in other steps.
+JOB_NAME_VARIABLES = {"Training": "TrainingJobName", "Processing": "ProcessingJobName"}
 ACCOUNT = "000000000000"
 REGION = "local"
 
@@ -199,8 +201,16 @@ class Execution:
         ]
         return summary
 
-    def variables(self, job_name: str | None = None, current_time: str | None = None) -> dict[str, str]:
-        """The execution variables a definition can Get (`Execution.<Name>`)."""
+    def variables(
+        self, job_name: str | None = None, current_time: str | None = None, step_type: str | None = None
+    ) -> dict[str, str]:
+        """The execution variables a definition can Get (`Execution.<Name>`) in a step.
+
+        As on SageMaker, TrainingJobName is the job a Training step launches and ProcessingJobName
+        the job a Processing step launches; a step of another type (a Tuning step, whose trials the
+        tuner names) has neither. Without `step_type` (a caller that does not know the step) both
+        name `job_name`.
+        """
         variables = {
             "PipelineExecutionId": self.execution_id,
             "PipelineExecutionArn": self.arn,
@@ -210,7 +220,9 @@ class Execution:
             "CurrentDateTime": current_time or now(),
         }
         if job_name is not None:
-            variables.update(TrainingJobName=job_name, ProcessingJobName=job_name)
+            for kind, name in JOB_NAME_VARIABLES.items():
+                if step_type in (None, kind):
+                    variables[name] = job_name
         return variables
 
     def ordered_steps(self) -> list[StepRecord]:

@@ -6,10 +6,19 @@ import io
 import json
 import math
 import tarfile
+from datetime import datetime
 from pathlib import Path
 
 import pytest
-from test_local_support import BUCKET, definition, get, processing_step, store_for, tuning_step
+from test_local_support import (
+    BUCKET,
+    definition,
+    get,
+    processing_step,
+    store_for,
+    training_step,
+    tuning_step,
+)
 
 from local.handlers import StepFailure
 from local.jobs.tuning import (
@@ -368,3 +377,104 @@ def test_trial_request_merges_static_and_tuned_hyperparameters() -> None:
     )
     assert request["HyperParameters"] == {"epochs": "3", "sagemaker_program": "train.py", "lr": "0.1"}
     assert "StaticHyperParameters" not in request and request["RoleArn"] == "r"
+
+
+SLOW_TRAINER = """
+    import time
+    time.sleep(1.0)
+    print("epoch=1 valid_loss=0.5 valid_accuracy=0.5")
+"""
+
+
+def most_at_once(summaries: list[dict]) -> int:
+    """The most trials whose [TrainingStartTime, TrainingEndTime] intervals overlap at one moment."""
+    events = sorted(
+        [(datetime.fromisoformat(item["TrainingStartTime"]), 1) for item in summaries]
+        + [(datetime.fromisoformat(item["TrainingEndTime"]), -1) for item in summaries]
+    )
+    running = most = 0
+    for _, change in events:  # at equal times an end (-1) sorts first: touching is not overlapping
+        running += change
+        most = max(most, running)
+    return most
+
+
+@pytest.mark.parametrize(("max_parallel", "expected"), [(8, 2), (1, 1)])
+def test_parallel_trials_overlap_and_never_exceed_the_cores(
+    home: Path, max_parallel: int, expected: int
+) -> None:
+    tune = tuning_step(
+        home,
+        "Tune",
+        SLOW_TRAINER,
+        strategy="Random",
+        ranges=RANGES,
+        channels={"train": f"{BUCKET}/data/train"},
+        static={},
+        max_jobs=4,
+        max_parallel=max_parallel,
+    )
+    execution = run_pipeline(definition(tune), {}, home, options=RunOptions(stop_grace_seconds=1.0, cores=2))
+    assert execution.status == "Succeeded", execution.failure_reason
+    summaries = execution.steps["Tune"].properties["TrainingJobSummaries"]
+    assert len(summaries) == 4
+    # MaxParallelTrainingJobs=8 on 2 cores: 2 at a time, and they really run at once.
+    assert most_at_once(summaries) == expected
+    trials = json.loads((Path(execution.steps["Tune"].job_dir) / "trials.json").read_text())
+    assert trials["MaxParallelTrainingJobs"] == expected
+    log = Path(execution.steps["Tune"].log_path).read_text()
+    assert f"4 trials, {expected} at a time ({2 // expected} core(s) each)" in log
+
+
+def test_job_name_variables_exist_only_in_the_step_that_launches_that_job(home: Path) -> None:
+    train = training_step(
+        home,
+        "Train",
+        "print('training')",
+        channels={"train": f"{BUCKET}/data/train"},
+        hyperparameters={"run-name": get("Execution.TrainingJobName")},
+    )
+    execution = run_pipeline(definition(train), {}, home, options=FAST)
+    assert execution.status == "Succeeded", execution.failure_reason
+    properties = execution.steps["Train"].properties
+    assert properties["HyperParameters"]["run-name"] == properties["TrainingJobName"]
+
+    # A tuning request is resolved once, before its trials exist: SageMaker's tuner names them,
+    # so Execution.TrainingJobName means nothing there (it used to read as the tuning job's name).
+    tune = tuning_step(
+        home,
+        "Tune",
+        FAKE_TRAINER,
+        strategy="Random",
+        ranges=RANGES,
+        channels={"train": f"{BUCKET}/data/train"},
+        static={"run-name": get("Execution.TrainingJobName")},
+        max_jobs=1,
+    )
+    failed = run_pipeline(definition(tune), {}, home, options=FAST)
+    record = failed.steps["Tune"]
+    assert (failed.status, record.metadata["FailureType"]) == ("Failed", "ClientError")
+    assert "Execution.TrainingJobName only in Training steps" in record.failure_reason
+    assert "the tuner names itself" in record.failure_reason
+
+
+def test_a_cached_tuning_step_names_the_tuning_job_it_reuses(home: Path) -> None:
+    tune = tuning_step(
+        home,
+        "Tune",
+        FAKE_TRAINER,
+        strategy="Random",
+        ranges=RANGES,
+        channels={"train": f"{BUCKET}/data/train"},
+        static={"epochs": "1"},
+        max_jobs=1,
+    )
+    tune["CacheConfig"] = {"Enabled": True, "ExpireAfter": "P30D"}
+    first = run_pipeline(definition(tune), {}, home, options=FAST)
+    second = run_pipeline(definition(tune), {}, home, options=FAST)
+    assert (first.status, second.status) == ("Succeeded", "Succeeded")
+    original = first.steps["Tune"].properties["HyperParameterTuningJobName"]
+    reused = second.steps["Tune"]
+    assert reused.cache_hit and reused.job_name == original
+    log = Path(reused.log_path).read_text()
+    assert f"cache hit: reusing {original} from execution {first.execution_id}" in log
