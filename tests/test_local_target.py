@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 from kennel_support import repo_config
+from test_local_support import BUCKET, definition, get, processing_step
 
+from local.runner import RunOptions, run_pipeline
 from pipeline.errors import KennelError
 from pipeline.local_target import LocalTarget
 
@@ -74,3 +76,52 @@ def test_status_without_executions_says_how_to_start(target: LocalTarget) -> Non
     with pytest.raises(KennelError, match="nope"):
         target.status("nope")
     assert target.models() == [] and target.endpoints() == []
+
+
+def evaluate_then_check(home: Path) -> dict:
+    """Evaluate (writes evaluation.json) -> CheckTestLoss: Register-like step if loss <= Threshold, else Fail."""
+    evaluate = processing_step(
+        home,
+        "Evaluate",
+        """
+        import json, os, pathlib
+        out = pathlib.Path(os.environ["SAGEMAKER_BASE_DIR"]) / "processing" / "evaluation"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps({"loss": 0.75}))
+        """,
+        outputs=[("evaluation", "/opt/ml/processing/evaluation", f"{BUCKET}/evaluation")],
+        PropertyFiles=[{"PropertyFileName": "Evaluation", "OutputName": "evaluation", "FilePath": "evaluation.json"}],
+    )
+    loss = {"Std:JsonGet": {"PropertyFile": get("Steps.Evaluate.PropertyFiles.Evaluation"), "Path": "loss"}}
+    register = processing_step(home, "Register", "print('registered')")
+    fail = {"Name": "Fail", "Type": "Fail", "Arguments": {"ErrorMessage": "test loss is above the threshold"}}
+    check = {
+        "Name": "CheckTestLoss",
+        "Type": "Condition",
+        "Arguments": {
+            "Conditions": [{"Type": "LessThanOrEqualTo", "LeftValue": loss, "RightValue": get("Parameters.Threshold")}],
+            "IfSteps": [register],
+            "ElseSteps": [fail],
+        },
+    }
+    return definition(evaluate, check, parameters=[{"Name": "Threshold", "Type": "Float", "DefaultValue": 1.0}])
+
+
+def test_a_run_ends_by_saying_where_the_results_are_and_what_to_do_next(target: LocalTarget) -> None:
+    pipeline = evaluate_then_check(target.home)
+    options = RunOptions(stop_grace_seconds=1.0)
+    evaluation = target.store.path_for(f"{BUCKET}/evaluation/evaluation.json")
+
+    passed = target.to_status(run_pipeline(pipeline, {}, target.home, options=options))
+    assert passed.status == "Succeeded"
+    assert passed.notes == [
+        "skipped (branch not taken): Fail",
+        f"evaluation: {evaluation}",
+        "next: `kennel models` to see the registered package, `kennel approve --latest` to approve and deploy it",
+    ]
+    assert evaluation.is_file()
+
+    # The Fail step ended it: resuming would fail the same way, so no resume hint and no approval hint.
+    failed = target.to_status(run_pipeline(pipeline, {"Threshold": "0.5"}, target.home, options=options))
+    assert failed.status == "Failed" and failed.failure_reason == "test loss is above the threshold"
+    assert failed.notes == ["skipped (branch not taken): Register", f"evaluation: {evaluation}"]
