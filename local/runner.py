@@ -180,10 +180,15 @@ class Runner:
                 if record.status == SUCCEEDED:
                     continue
                 for process in record.processes:
-                    if kill_leftover(process):
-                        self.progress.note(
-                            f"{record.name}: stopped job process {process.pid} left by the earlier runner"
+                    stopped = kill_leftover(process)
+                    if stopped:
+                        message = (
+                            f"{record.name}: its job was still running, left by the earlier runner (pids "
+                            f"{', '.join(map(str, stopped))}); stopped it before running the step again"
                         )
+                        self.progress.note(message)
+                        if record.log_path:
+                            log_note(Path(record.log_path), message)
                 if record.end_time is None:  # it was running when the earlier runner died
                     record.status, record.end_time, record.processes = STOPPED, now(), []
                     self.executions.save_step(execution_id, record)

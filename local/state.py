@@ -11,7 +11,8 @@ those of DescribePipelineExecution / ListPipelineExecutionSteps (PascalCase).
 
 A runner killed with SIGKILL cannot record its end. Loading notices a live status whose runner
 process is gone and reports the execution (and its unfinished steps) as Stopped, with
-`interrupted` set; nothing on disk is changed until the execution is resumed.
+`interrupted` set; a job still running without its runner is named in `orphan_jobs` and in its
+step's failure reason. Nothing on disk is changed until the execution is resumed.
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ def now() -> str:
 
 @dataclass(frozen=True)
 class ProcessRef:
-    """A child process the runner started, identified robustly (pids are reused)."""
+    """A child process the runner started, identified robustly (pids are reused).
+
+    Every process the runner tracks is started in a session of its own, so it leads a process
+    group whose id is its pid: that group holds the job and whatever the job started.
+    """
 
     pid: int
     create_time: float
@@ -73,6 +78,30 @@ class ProcessRef:
             )
         except psutil.Error:
             return False
+
+    def running_group(self) -> list[psutil.Process]:
+        """The live members of the process group this process leads: itself, and what it started
+        (still there after it died itself, e.g. when the kernel killed it). Empty when the pid
+        now belongs to another process, whose group is not ours."""
+        try:
+            if abs(psutil.Process(self.pid).create_time() - self.create_time) >= 0.01:
+                return []
+        except psutil.NoSuchProcess:
+            pass  # the leader is gone; members it left keep its pid as their group id
+        except psutil.Error:
+            return []
+        members = []
+        for process in psutil.process_iter():
+            try:
+                if (
+                    os.getpgid(process.pid) == self.pid
+                    and process.create_time() >= self.create_time - 0.01
+                    and process.status() != psutil.STATUS_ZOMBIE
+                ):
+                    members.append(process)
+            except (psutil.Error, OSError):
+                continue
+        return members
 
     def to_json(self) -> dict:
         return {"Pid": self.pid, "CreateTime": self.create_time}
@@ -160,6 +189,8 @@ class Execution:
     steps: dict[str, StepRecord] = field(default_factory=dict)
     folder: Path | None = None
     interrupted: bool = False  # derived on load: the runner died without recording an end
+    # Derived on load, after a runner died: step -> pids of its job still running with no runner.
+    orphan_jobs: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def arn(self) -> str:
@@ -190,6 +221,7 @@ class Execution:
         """The execution and its steps as one JSON document (for `kennel status --json`)."""
         summary = self.to_json()
         summary["Interrupted"] = self.interrupted
+        summary["OrphanJobs"] = self.orphan_jobs
         summary["Folder"] = str(self.folder) if self.folder else None
         summary["Steps"] = [
             {
@@ -340,16 +372,25 @@ def _with_liveness(execution: Execution) -> Execution:
     if execution.runner is not None and execution.runner.alive():
         return execution
     pid = execution.runner.pid if execution.runner else "?"
-    reason = (
-        f"the runner (pid {pid}) ended without finishing this execution; "
-        f"resume it with: kennel run --resume {execution.execution_id}"
-    )
+    resume = f"kennel run --resume {execution.execution_id}"
+    reason = f"the runner (pid {pid}) ended without finishing this execution; resume it with: {resume}"
+    orphans: dict[str, list[int]] = {}
     for name, record in execution.steps.items():
-        if record.status in LIVE_STATUSES:
-            execution.steps[name] = replace(
-                record, status=STOPPED, failure_reason=record.failure_reason or reason
+        if record.status not in LIVE_STATUSES:
+            continue
+        # A job runs in its own process group, so it can outlive its runner: say so, as it is
+        # still using the machine and nothing will collect its outputs.
+        running = sorted({member.pid for process in record.processes for member in process.running_group()})
+        step_reason = reason
+        if running:
+            orphans[name] = running
+            step_reason = (
+                f"the runner (pid {pid}) ended, but this step's job is still running (pids "
+                f"{', '.join(map(str, running))}) and nothing will collect its outputs; resume with: {resume} "
+                f"(it stops the job first)"
             )
-    return replace(execution, status=STOPPED, failure_reason=reason, interrupted=True)
+        execution.steps[name] = replace(record, status=STOPPED, failure_reason=record.failure_reason or step_reason)
+    return replace(execution, status=STOPPED, failure_reason=reason, interrupted=True, orphan_jobs=orphans)
 
 
 def list_executions(home: Path) -> list[Execution]:

@@ -183,6 +183,9 @@ class LocalTarget:
         notes = [f"skipped (branch not taken): {name}" for name in execution.skipped_steps]
         if execution.interrupted:
             notes.append("the runner stopped without recording an end (killed?)")
+        for step, pids in execution.orphan_jobs.items():
+            notes.append(f"{step}: its job is still running with no runner (pids {', '.join(map(str, pids))}); "
+                         f"`kennel run --resume {execution.execution_id}` stops it and runs the step again")
         evaluate = execution.steps.get("Evaluate")
         if evaluate and evaluate.status == SUCCEEDED:
             outputs = evaluate.properties.get("ProcessingOutputConfig", {}).get("Outputs", [])

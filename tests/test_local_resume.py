@@ -7,6 +7,7 @@ runner left behind is killed, the interrupted step runs again.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -17,10 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from kennel_support import repo_config
 from test_local_support import BUCKET, definition, output_uri, processing_step, store_for
 
+from local.progress import PlainProgress
 from local.runner import ResumeError, RunOptions, resume, run_pipeline
 from local.state import load_execution
+from pipeline.local_target import LocalTarget
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = RunOptions(stop_grace_seconds=1.0)
@@ -50,7 +54,23 @@ HANG_FIRST_TIME = (
 )
 
 
-def pipeline(home: Path, probe: Path) -> dict:
+# Starts a helper that outlives it (a worker, say), then hangs on its first run like HANG_FIRST_TIME.
+SPAWN_THEN_HANG = (
+    COUNT_AND_WRITE
+    + """
+    import subprocess, sys, time
+    (probe / (os.environ["NAME"] + ".pid")).write_text(str(os.getpid()))
+    if runs == 1:
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        (probe / "helper.pid").write_text(str(helper.pid))
+        time.sleep(120)
+    upstream = pathlib.Path(os.environ["SAGEMAKER_BASE_DIR"]) / "processing" / "input" / "up" / "data.txt"
+    (out / "data.txt").write_text(upstream.read_text() + " -> " + os.environ["NAME"] + " run " + str(runs))
+"""
+)
+
+
+def pipeline(home: Path, probe: Path, train_source: str = HANG_FIRST_TIME) -> dict:
     def exec_output(name: str) -> dict:
         return {"Std:Join": {"On": "/", "Values": [BUCKET, {"Get": "Execution.PipelineExecutionId"}, name]}}
 
@@ -64,7 +84,7 @@ def pipeline(home: Path, probe: Path) -> dict:
     second = processing_step(
         home,
         "Train",
-        HANG_FIRST_TIME,
+        train_source,
         environment={"PROBE": str(probe), "NAME": "Train"},
         inputs=[("up", output_uri("Prepare", "out"), "/opt/ml/processing/input/up")],
         outputs=[("out", "/opt/ml/processing/output", exec_output("train"))],
@@ -99,11 +119,12 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def test_sigkill_mid_run_then_resume_finishes(tmp_path: Path) -> None:
+def run_and_sigkill_the_runner(tmp_path: Path, train_source: str, ready: str = "Train.pid") -> tuple[Path, Path, str]:
+    """Start `python -m local run`, SIGKILL it while Train executes; returns (home, probe, execution id)."""
     home, probe = tmp_path / "kennel", tmp_path / "probe"
     probe.mkdir()
     definition_file = tmp_path / "definition.json"
-    definition_file.write_text(json.dumps(pipeline(home, probe)))
+    definition_file.write_text(json.dumps(pipeline(home, probe, train_source)))
     runner = subprocess.Popen(
         [sys.executable, "-m", "local", "--home", str(home), "run", str(definition_file), "--quiet"],
         cwd=REPO_ROOT,
@@ -115,7 +136,7 @@ def test_sigkill_mid_run_then_resume_finishes(tmp_path: Path) -> None:
         execution_id = next((home / "executions").iterdir()).name
         _wait_for(
             lambda: (
-                (probe / "Train.pid").exists() and _step_status(home, execution_id, "Train") == "Executing"
+                (probe / ready).exists() and _step_status(home, execution_id, "Train") == "Executing"
             )
         )
         runner.send_signal(signal.SIGKILL)
@@ -123,21 +144,36 @@ def test_sigkill_mid_run_then_resume_finishes(tmp_path: Path) -> None:
     finally:
         if runner.poll() is None:
             runner.kill()
+    return home, probe, execution_id
+
+
+def test_sigkill_mid_run_then_resume_finishes(tmp_path: Path) -> None:
+    home, probe, execution_id = run_and_sigkill_the_runner(tmp_path, HANG_FIRST_TIME)
     orphan = int((probe / "Train.pid").read_text())
     assert _alive(orphan), "the job should outlive a SIGKILLed runner (it has its own process group)"
 
-    # The state the dead runner left is readable, and says what happened.
+    # The state the dead runner left is readable, and says what happened: the job still runs.
     interrupted = load_execution(home, execution_id)
     assert interrupted.status == "Stopped" and interrupted.interrupted
     assert interrupted.steps["Prepare"].status == "Succeeded"
     assert interrupted.steps["Train"].status == "Stopped"
     assert f"kennel run --resume {execution_id}" in interrupted.failure_reason
+    assert orphan in interrupted.orphan_jobs["Train"] and list(interrupted.orphan_jobs) == ["Train"]
+    assert "this step's job is still running" in interrupted.steps["Train"].failure_reason
+    notes = LocalTarget(repo_config().for_target("local"), home=home).to_status(interrupted).notes
+    assert any(note.startswith("Train: its job is still running with no runner") for note in notes), notes
 
-    finished = resume(execution_id, home, options=FAST)
+    shown = io.StringIO()
+    finished = resume(execution_id, home, options=FAST, progress=PlainProgress(shown))
 
     assert finished.status == "Succeeded", finished.failure_reason
     assert finished.resume_count == 1
     assert not _alive(orphan), "resume must stop the job the dead runner left running"
+    said = f"Train: its job was still running, left by the earlier runner (pids {orphan})"
+    assert said in shown.getvalue()
+    first_log = Path(interrupted.steps["Train"].log_path).read_text()
+    assert said in first_log  # the killed attempt's log says how it ended
+    assert finished.orphan_jobs == {}
     assert (probe / "Prepare.runs").read_text() == "1"  # reused, not rerun
     assert (probe / "Train.runs").read_text() == "2"
     assert finished.steps["Train"].attempt_count == 2
@@ -146,6 +182,22 @@ def test_sigkill_mid_run_then_resume_finishes(tmp_path: Path) -> None:
     assert output == "Prepare run 1 -> Train run 2"
     with pytest.raises(ResumeError, match="already succeeded"):
         resume(execution_id, home)
+
+
+def test_what_a_dead_job_left_running_is_found_by_its_process_group_and_stopped(tmp_path: Path) -> None:
+    home, probe, execution_id = run_and_sigkill_the_runner(tmp_path, SPAWN_THEN_HANG, ready="helper.pid")
+    job, helper = int((probe / "Train.pid").read_text()), int((probe / "helper.pid").read_text())
+    os.kill(job, signal.SIGKILL)  # the job itself dies too (say, the OOM killer): its helper lives on
+    _wait_for(lambda: not _alive(job))
+    assert _alive(helper)
+
+    interrupted = load_execution(home, execution_id)
+    assert interrupted.orphan_jobs == {"Train": [helper]}
+
+    finished = resume(execution_id, home, options=FAST)
+    assert finished.status == "Succeeded", finished.failure_reason
+    assert not _alive(helper), "resume must stop what the dead job left in its process group"
+    assert (probe / "Train.runs").read_text() == "2"
 
 
 def test_resume_after_a_failure_reuses_what_succeeded(tmp_path: Path) -> None:

@@ -211,12 +211,18 @@ def _kill_group(pid: int, sig: int) -> None:
         pass
 
 
-def kill_leftover(process: ProcessRef) -> bool:
-    """Kill the process group of a job that outlived its runner; True if one was found."""
-    if not process.alive():
-        return False
+def kill_leftover(process: ProcessRef, wait_seconds: float = 10.0) -> list[int]:
+    """Kill the process group of a job that outlived its runner: the job and whatever it started,
+    also when the job itself already died. Returns the pids it found (empty: nothing ran), once
+    they are gone, so a step run again never shares the machine or its files with them."""
+    members = process.running_group()
+    if not members:
+        return []
     _kill_group(process.pid, signal.SIGKILL)
-    return True
+    deadline = time.monotonic() + wait_seconds
+    while process.running_group() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sorted(member.pid for member in members)
 
 
 def tail(path: Path, lines: int = 20) -> str:
