@@ -129,7 +129,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE,
                         help="reject images whose shorter side is under this many pixels")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="reject images with more pixels than this (decompression bombs)")
+                        help="reject images with more pixels than this (decompression bombs), from "
+                             "their header, before decoding; also governs Pillow's own limit, so it "
+                             "may be set above Pillow's default (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="decoding processes (default: %(default)s)")
     parser.add_argument("--message-file", default=contract.opt_ml("output", "message"),

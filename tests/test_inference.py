@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import contract
+import images
 import inference
 from images import decode_rgb
 
@@ -64,6 +65,19 @@ def png_of_size(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (120, 30, 200)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def encoded(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def grey16(png: bytes, mode: str) -> Image.Image:
+    """The sample image's grey values on a 16-bit scale, in a 16-bit mode of either byte order."""
+    values = np.asarray(decode_rgb(png).image)[:, :, 0].astype(np.uint16) * 257
+    return Image.frombytes(mode, (values.shape[1], values.shape[0]), values.astype(
+        ">u2" if mode == "I;16B" else "<u2").tobytes())
 
 
 def call(served, body, content_type, accept=JSON) -> tuple[int, dict]:
@@ -183,6 +197,39 @@ def test_data_url_and_wrapped_base64_are_accepted(served, pngs):
     for text in (f"data:image/png;base64,{encoded}", wrapped):
         status, payload = call(served, json.dumps({"image": text}), JSON)
         assert status == 200, payload
+
+
+def test_big_endian_16_bit_and_float_tiffs_are_served_like_the_16_bit_png(served, pngs):
+    # The 16-bit PNG (little-endian I;16) is the long-supported case; the others used to answer 500.
+    reference = call(served, encoded(grey16(pngs[1], "I;16"), "PNG"), "image/png")
+    big_endian = encoded(grey16(pngs[1], "I;16B"), "TIFF")
+    assert big_endian[:2] == b"MM"
+    grey = np.asarray(decode_rgb(pngs[1]).image)[:, :, 0]
+    floats = encoded(Image.fromarray((grey / 255).astype(np.float32)), "TIFF")
+    assert reference[0] == 200, reference[1]
+    for body in (big_endian, floats):
+        status, payload = call(served, body, "application/x-image")
+        assert status == 200, payload
+        assert [p["label"] for p in payload["predictions"]] == [p["label"] for p in reference[1]["predictions"]]
+        for got, expected in zip(payload["predictions"], reference[1]["predictions"], strict=True):
+            assert got["probability"] == pytest.approx(expected["probability"], abs=1e-4)
+
+
+def test_an_image_that_fails_conversion_is_a_400_naming_it(served, pngs, monkeypatch):
+    def conversion_bug(image):  # as a Pillow conversion fails on an odd file: an undocumented type
+        raise KeyError(f"no converter for {image.mode}")
+
+    monkeypatch.setattr(images, "to_rgb", conversion_bug)
+    for body, content_type, where in [
+        (pngs[0], "image/png", "the request body"),
+        (json.dumps({"images": [b64(pngs[0])]}), JSON, "images[0]"),
+    ]:
+        status, payload = call(served, body, content_type)
+        assert status == 400, payload  # a 4xx: boto3 and the CLI do not retry it
+        assert payload["error"] == "bad_request"
+        message = payload["message"]
+        assert message.startswith(f"{where} is not a usable image (undecodable:"), message
+        assert "KeyError" in message and "no converter for L" in message and "re-save" in message
 
 
 # --- errors a client can cause: the right status and a message naming the input ----------------

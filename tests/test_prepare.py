@@ -6,9 +6,12 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from PIL import Image
 
 import contract
 import prepare
+from images import ImageRejected, decode_rgb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "data" / "sample"
@@ -25,13 +29,25 @@ SAMPLE_CLASSES = sorted(folder.name for folder in (SAMPLE / "train").iterdir())
 
 
 def run_prepare(
-    base: Path, *args: str | Path, env: dict[str, str] | None = None
+    base: Path, *args: str | Path, env: dict[str, str] | None = None, memory_limit: int | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """prepare.py in a child process with /opt/ml re-rooted at `base` (so the message file lands there)."""
+    """prepare.py in a child process with /opt/ml re-rooted at `base` (so the message file lands there).
+
+    `memory_limit` caps the child's address space (bytes): an allocation beyond it fails, so a test
+    can tell that a file was judged without being decoded.
+    """
     child_env = {**os.environ, contract.BASE_DIR_VARIABLE: str(base), **(env or {})}
+    limit = None
+    if memory_limit is not None:
+        child_env["OPENBLAS_NUM_THREADS"] = "1"  # numpy's per-thread buffers would eat the budget
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
     return subprocess.run(
         [sys.executable, "entrypoints/prepare.py", *map(str, args)],
         cwd=REPO_ROOT, env=child_env, capture_output=True, text=True, timeout=120, check=False,
+        preexec_fn=limit,
     )
 
 
@@ -75,6 +91,63 @@ def encoded(image: Image.Image, image_format: str) -> bytes:
 
 def noise(mode: str, size: int = 32) -> Image.Image:
     return Image.effect_noise((size, size), 60).convert(mode)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height RGB pixels, with almost no pixel data: a bomb's
+    header, a few bytes on disk. Decoding it would allocate 4 bytes per declared pixel first."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+            + chunk(b"IEND", b""))
+
+
+# Grey ramps whose stretch over 0-255 is exact: pixel k (row-major, 16x16) must come out as k.
+RAMP = np.arange(256).reshape(16, 16)
+
+
+def ramp_image(mode: str) -> Image.Image:
+    """RAMP in a high-depth mode, on an offset and scale that the conversion must undo."""
+    if mode == "F":
+        return Image.fromarray((RAMP / 127.5 - 1).astype(np.float32))  # -1.0 ... 1.0
+    if mode == "I":
+        return Image.fromarray((RAMP * 1000 - 70_000).astype(np.int32))  # signed 32-bit
+    big_endian = mode == "I;16B"
+    values = (RAMP * 256 + 100).astype(">u2" if big_endian else "<u2")  # 100 ... 65380
+    return Image.frombytes(mode, (16, 16), values.tobytes())
+
+
+def premultiplied_grey_tiff(grey: int, alpha: int) -> bytes:
+    """A grey + associated (premultiplied) alpha TIFF, which Pillow opens in mode La.
+
+    Pillow writes LA with unassociated alpha (ExtraSamples = 2); scanners and image editors also
+    write associated alpha (ExtraSamples = 1): patch that one tag value."""
+    data = encoded(Image.new("LA", (16, 16), (grey, alpha)), "TIFF")
+    extra_samples = struct.pack("<HHIH", 338, 3, 1, 2)  # tag, SHORT, count 1, value 2
+    assert data.count(extra_samples) == 1
+    return data.replace(extra_samples, struct.pack("<HHIH", 338, 3, 1, 1))
+
+
+# A Pillow plugin, loaded into the prepare child through sitecustomize, whose decoder fails the way
+# decoder bugs do: with an exception type that Pillow never documents for a bad file.
+BROKEN_DECODER_PLUGIN = """
+from PIL import Image, ImageFile
+
+class BrokenDecoderFile(ImageFile.ImageFile):
+    format = "KENNELBROKEN"
+    format_description = "a format whose decoder has a bug"
+
+    def _open(self):
+        self._size, self._mode = (32, 32), "L"
+
+    def load(self):
+        raise KeyError("decoder state")
+
+Image.register_open(BrokenDecoderFile.format, BrokenDecoderFile, lambda prefix: prefix[:12] == b"KENNELBROKEN")
+"""
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -198,6 +271,43 @@ def test_bad_files_are_rejected_and_the_rest_converted(tmp_path: Path) -> None:
     manifest = read_json(output / "report" / contract.MANIFEST_FILE)
     assert manifest["counts"]["train"]["bag"] == len(list(bag.iterdir()))
     assert "rejected=5" in result.stdout and "corrupt=1" in result.stdout
+
+
+def test_high_bit_depths_convert_and_bombs_and_decoder_failures_are_reported(tmp_path: Path) -> None:
+    source, output, plugins = tmp_path / "in", tmp_path / "out", tmp_path / "plugins"
+    copy_sample(source, ["bag", "coat"], per_split=2)
+    bag = source / "train" / "bag"
+    (bag / "grey16be.tif").write_bytes(encoded(ramp_image("I;16B"), "TIFF"))
+    assert (bag / "grey16be.tif").read_bytes()[:2] == b"MM"  # big-endian: Motorola byte order
+    (bag / "float.tif").write_bytes(encoded(ramp_image("F"), "TIFF"))
+    (bag / "bomb.png").write_bytes(png_header_only(30_000, 30_000))  # 900M pixels, 3.6 GB decoded
+    (bag / "strip.png").write_bytes(png_header_only(200_000_000, 1))  # over Pillow's default limit
+    (bag / "scan.img").write_bytes(b"KENNELBROKEN" + bytes(100))
+    plugins.mkdir()
+    (plugins / "sitecustomize.py").write_text(BROKEN_DECODER_PLUGIN)
+
+    # --max-pixels above Pillow's own limit (~179M); 2 GiB of address space could not hold the bomb.
+    result = run_prepare(
+        tmp_path / "base", "--input", source, "--output", output, "--max-pixels", "500000000",
+        "--workers", "2", env={"PYTHONPATH": str(plugins)}, memory_limit=2 << 30,
+    )
+
+    assert result.returncode == 0, result.stderr
+    report = read_json(output / "report" / contract.DATA_REPORT_FILE)
+    rejected = {entry["path"].removeprefix("train/bag/"): entry for entry in report["rejected"]}
+    assert {name: entry["reason"] for name, entry in rejected.items()} == {
+        "bomb.png": "decompression_bomb", "strip.png": "too_small", "scan.img": "undecodable"
+    }
+    # Kennel's limit judged the bomb (Pillow's own would have said 178956970), from its header.
+    assert rejected["bomb.png"]["detail"] == "30000x30000 = 900000000 pixels, limit 500000000"
+    assert rejected["strip.png"]["detail"].startswith("200000000x1")  # Pillow let it through to be judged
+    assert "KeyError" in rejected["scan.img"]["detail"] and "re-save" in rejected["scan.img"]["detail"]
+    assert report["converted"] == {"F": 1, "I;16B": 1, "L": 2 * 2 * len(contract.SPLITS)}
+    for name in ("grey16be.png", "float.png"):
+        with Image.open(output / "train" / "bag" / name) as img:
+            assert img.mode == "RGB"
+            assert (np.asarray(img) == RAMP[:, :, None]).all(), name
+    assert "rejected=3" in result.stdout and "undecodable=1" in result.stdout
 
 
 def test_sagemaker_base_dir_reroots_input_output_and_keeps_mount_points(tmp_path: Path) -> None:
@@ -378,3 +488,71 @@ def test_exif_rotated_jpeg_is_written_upright_and_plain_jpeg_copied(tmp_path: Pa
     with Image.open(written / "sideways.png") as upright:
         assert upright.size == (40, 80)
     assert (written / "plain.jpg").read_bytes() == (rotated_dir / "plain.jpg").read_bytes()
+
+
+# --- decoding (images.py, shared with inference) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "image_format"),
+    [("I;16", "PNG"), ("I;16", "TIFF"), ("I;16B", "TIFF"), ("I", "TIFF"), ("F", "TIFF")],
+)
+def test_high_depth_greys_are_stretched_to_8_bits_in_every_byte_order(mode: str, image_format: str) -> None:
+    decoded = decode_rgb(encoded(ramp_image(mode), image_format))
+
+    assert decoded.source_mode == mode and decoded.image.mode == "RGB"
+    assert (np.asarray(decoded.image) == RAMP[:, :, None]).all()
+
+
+def test_native_and_little_endian_16_bit_modes_convert_like_the_png_mode() -> None:
+    from images import to_rgb
+
+    for mode in ("I;16L", "I;16N"):
+        values = (RAMP * 256 + 100).astype("<u2" if mode == "I;16L" else "=u2")
+        converted = to_rgb(Image.frombytes(mode, (16, 16), values.tobytes()))
+        assert (np.asarray(converted) == RAMP[:, :, None]).all(), mode
+
+
+def test_float_image_with_nan_and_infinity_keeps_its_finite_range() -> None:
+    values = (RAMP / 255).astype(np.float32)  # 0.0 ... 1.0
+    values[0, 1], values[0, 2] = np.nan, np.inf
+    decoded = decode_rgb(encoded(Image.fromarray(values), "TIFF"))
+
+    expected = RAMP.copy()
+    expected[0, 1] = expected[0, 2] = 0  # non-finite: black, and the range is that of the rest
+    assert (np.asarray(decoded.image) == expected[:, :, None]).all()
+
+
+def test_premultiplied_grey_alpha_is_composited_on_white() -> None:
+    decoded = decode_rgb(premultiplied_grey_tiff(grey=100, alpha=128))
+
+    assert decoded.source_mode == "La"
+    # Premultiplied 100 at alpha 128 over white: 100 + 255 * (1 - 128/255) = 227.
+    assert all(abs(channel - 227) <= 1 for channel in decoded.image.getpixel((0, 0)))
+
+
+def test_a_real_bomb_is_rejected_from_its_header_by_pillows_limit_or_ours() -> None:
+    bomb = png_header_only(30_000, 30_000)
+    assert len(bomb) < 100
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+
+    with pytest.raises(ImageRejected) as by_pillow:  # 900M: over Pillow's default limit, refused on open
+        decode_rgb(bomb)
+    with pytest.raises(ImageRejected) as by_kennel:
+        decode_rgb(bomb, max_pixels=500_000_000)
+
+    assert by_pillow.value.reason == by_kennel.value.reason == "decompression_bomb"
+    assert "exceeds limit" in by_pillow.value.detail and "limit 500000000" in by_kennel.value.detail
+    assert Image.MAX_IMAGE_PIXELS == pillow_limit  # raised for the decode only
+
+
+def test_max_pixels_above_pillows_limit_takes_effect() -> None:
+    strip = png_header_only(200_000_000, 1)  # over Pillow's default limit, under the one we ask for
+
+    with pytest.raises(ImageRejected) as default:
+        decode_rgb(strip)
+    with pytest.raises(ImageRejected) as lifted:
+        decode_rgb(strip, max_pixels=300_000_000)
+
+    assert default.value.reason == "decompression_bomb"
+    assert lifted.value.reason == "too_small"  # Pillow opened it: the next check judged it
