@@ -362,6 +362,13 @@ def missing_test_split(root: Path) -> None:
     shutil.rmtree(root / "test")
 
 
+def class_folder_empty(root: Path) -> None:
+    copy_sample(root, ["bag", "coat", "dress"], per_split=2)
+    shutil.rmtree(root / "valid" / "dress")
+    (root / "valid" / "dress").mkdir()
+    (root / "valid" / "dress" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")  # hidden: not data
+
+
 @pytest.mark.parametrize(
     ("build", "words"),
     [
@@ -371,6 +378,7 @@ def missing_test_split(root: Path) -> None:
         (class_too_small, ["'coat' has 3", "at least 5"]),
         (loose_files_only, ["no folders", "<input>/<class>/<images>"]),
         (missing_test_split, ["no test/", "<input>/train/<class>/<images>"]),
+        (class_folder_empty, ["no files in valid/dress;", "add images there or remove the class everywhere"]),
     ],
 )
 def test_stop_conditions_fail_with_one_line_and_write_nothing(
