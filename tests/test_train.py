@@ -145,6 +145,31 @@ def test_torchrun_two_processes_reduce_metrics_and_write_one_model(train_job) ->
     assert last["valid:loss"] == pytest.approx(loss, rel=1e-3)
 
 
+@pytest.mark.slow
+def test_weights_file_is_what_the_backbone_starts_from(train_job, tmp_path: Path) -> None:
+    import torchvision
+
+    # A full torchvision resnet18 state_dict (1000-class fc included), as an ImageNet checkpoint is
+    # saved, from a seed of its own so that it matches no initialization train.py would make.
+    torch.manual_seed(1234)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    weights = tmp_path / "resnet18-imagenet.pth"
+    torch.save(state, weights)
+
+    result = train_job.run(*TINY, "--arch", "resnet18", "--weights", str(weights), "--epochs", "1")
+    assert_succeeded(result)
+
+    model, meta = nets.load_artifacts(train_job.model_dir)
+    assert meta.extra["weights_source"] == str(weights)
+    # --freeze head keeps the backbone fixed (batch-norm statistics too), so the saved backbone is
+    # the file's backbone, tensor for tensor; the file's fc is replaced by the head.
+    backbone = model.backbone.state_dict()
+    expected = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    assert backbone.keys() == expected.keys()
+    assert [key for key in expected if not torch.equal(backbone[key], expected[key])] == []
+    assert model.head[1].out_features == len(meta.class_names)
+
+
 # --- user errors -----------------------------------------------------------------------------
 
 
@@ -162,6 +187,14 @@ def fewer_valid_classes(job) -> list[str]:
         for image in class_dir.iterdir():
             (valid / class_dir.name / image.name).write_bytes(image.read_bytes())
     return ["--valid", str(valid)]
+
+
+def weights_of_another_arch(job) -> list[str]:
+    import torchvision
+
+    path = job.root.parent / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return ["--arch", "resnet34", "--weights", str(path)]
 
 
 def corrupt_image(job) -> list[str]:
@@ -194,6 +227,8 @@ def corrupt_image(job) -> list[str]:
         (lambda job: ["--arch", "vgg16"], "argument --arch: invalid choice: 'vgg16'"),
         (lambda job: ["--train", str(job.root.parent / "missing")], "no such directory"),
         (lambda job: ["--arch", "resnet50", "--weights", "auto"], "pass --allow-download True"),
+        (lambda job: ["--weights", str(job.root.parent / "nope.pth")], "nope.pth: no such file"),
+        (weights_of_another_arch, "resnet18.pth does not fit resnet34: 80 missing keys"),
         (no_images, "Found no valid file"),
         (fewer_valid_classes, "have different classes (only in train: ['ankle_boot']"),
         (corrupt_image, "corrupt: image file is truncated; remove it"),
@@ -204,6 +239,8 @@ def corrupt_image(job) -> list[str]:
         "unknown-arch",
         "missing-channel",
         "no-offline-weights",
+        "weights-missing",
+        "weights-wrong-arch",
         "no-images",
         "class-sets",
         "corrupt",
