@@ -20,7 +20,16 @@ from pipeline import events
 from pipeline.config import KennelConfig
 from pipeline.definition import definitions, deploy_pipeline_name, pipeline_session, sdk_environment
 from pipeline.errors import KennelError
-from pipeline.targets import Endpoint, ExecutionStatus, ModelPackage, StepStatus, UpsertResult
+from pipeline.targets import (
+    UPLOADS_FOLDER,
+    Endpoint,
+    ExecutionStatus,
+    ModelPackage,
+    StepStatus,
+    UpsertResult,
+    dataset_files,
+    dataset_name,
+)
 
 log = logging.getLogger("kennel.aws")
 
@@ -174,17 +183,18 @@ class AwsTarget:
 
     # --- data ---------------------------------------------------------------------------------
     def stage_data(self, data: str) -> str:
-        """An s3:// URI as is; a local folder uploaded once under s3://BUCKET/PREFIX/data/."""
+        """An s3:// URI as is; a local folder uploaded once to s3://BUCKET/PREFIX/uploads/<name>-<hash>
+        (outside the default data prefix, whose ImageFolder tree an upload would otherwise join)."""
         if data.startswith("s3://"):
             return data
         self.config.require_aws()
         folder = Path(data).expanduser()
         if not folder.is_dir():
             raise KennelError(f"--data {data}: not a folder or an s3:// URI; give an ImageFolder tree")
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
+        files = dataset_files(folder)
         if not files:
             raise KennelError(f"--data {data}: the folder holds no files")
-        key_prefix = f"{self.config.prefix}/data/{_slug(folder.resolve().name)}-{_fingerprint(folder, files)}"
+        key_prefix = f"{self.config.prefix}/{UPLOADS_FOLDER}/{dataset_name(folder, files)}"
         with aws_errors(f"uploading {folder}"):
             s3 = self.client("s3")
             if s3.list_objects_v2(Bucket=self.config.bucket, Prefix=key_prefix + "/", MaxKeys=1).get("KeyCount"):
@@ -493,21 +503,3 @@ def _token(name: str, definition: dict[str, Any]) -> str:
 
 def _iso(value: Any) -> str:
     return value.isoformat(timespec="seconds") if isinstance(value, datetime) else str(value or "")
-
-
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") or part == "__pycache__" for part in relative.parts)
-
-
-def _slug(name: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in name).strip("-")
-    return cleaned or "data"
-
-
-def _fingerprint(folder: Path, files: list[Path]) -> str:
-    """Content hash of the tree: a changed dataset goes to a new prefix, never mixed with the old."""
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()[:12]

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from local.files import read_json, write_json_atomic
+from local.files import PARTIAL_MARKER, read_json, write_json_atomic
 from local.home import resolve_home, store_root
 from local.progress import make_progress, step_details
 from local.runner import USER_ERRORS, RunOptions, resume, run_pipeline
@@ -27,11 +28,21 @@ from local.state import SUCCEEDED, Execution, StateError, list_executions, load_
 from local.store import ObjectStore, import_objects
 from pipeline.config import REPO_ROOT, KennelConfig
 from pipeline.errors import KennelError
-from pipeline.targets import Endpoint, ExecutionStatus, ModelPackage, StepStatus, UpsertResult
+from pipeline.targets import (
+    UPLOADS_FOLDER,
+    Endpoint,
+    ExecutionStatus,
+    ModelPackage,
+    StepStatus,
+    UpsertResult,
+    dataset_files,
+    dataset_name,
+)
 
 log = logging.getLogger("kennel")
 
 SAMPLE_DATA = REPO_ROOT / "data" / "sample"
+SAMPLE_FOLDER = "sample"  # the bundled sample's prefix under the configured data URI
 LAUNCH_TIMEOUT_SECONDS = 60  # how long `kennel run` (no --wait) waits for the runner to record the execution
 
 
@@ -78,8 +89,12 @@ class LocalTarget:
         return read_json(path)
 
     # --- data --------------------------------------------------------------------------------
+    # The bundled sample and each --data folder get prefixes of their own, so neither is ever read
+    # as part of the other (an upload under the sample's prefix would become a "class"). What older
+    # versions left directly under <data_uri>/ is not read any more: the sample is staged afresh.
     def stage_data(self, data: str) -> str:
-        """An s3:// URI of the local store as is; a folder copied into the store by content."""
+        """An s3:// URI of the local store as is; a folder copied into the store by content, to
+        s3://<bucket>/<prefix>/uploads/<name>-<hash>."""
         if data.startswith("s3://"):
             if not self.store.list_prefix(data.rstrip("/") + "/"):
                 raise KennelError(f"--data {data}: nothing stored there in {self.home}; give a local folder")
@@ -88,19 +103,55 @@ class LocalTarget:
         if not folder.is_dir():
             raise KennelError(f"--data {data}: not a folder; give an ImageFolder tree "
                               "(train/valid/test/<class>/ or <class>/ folders)")
-        if not any(path.is_file() for path in folder.rglob("*")):
+        files = dataset_files(folder)
+        if not files:
             raise KennelError(f"--data {data}: the folder holds no files")
-        uri = self.store.put_tree_versioned(folder, self.config.data_uri)
-        log.info("staged %s as %s", folder, uri)
+        uri = f"s3://{self.config.bucket}/{self.config.prefix}/{UPLOADS_FOLDER}/{dataset_name(folder, files)}"
+        if self._put_once(folder, files, uri):
+            log.info("staged %s as %s", folder, uri)
         return uri
 
+    @property
+    def sample_data_uri(self) -> str:
+        return f"{self.config.data_uri}/{SAMPLE_FOLDER}"
+
     def _default_data(self) -> str:
-        """The configured data URI; filled with the bundled sample the first time it is empty."""
-        uri = self.config.data_uri
-        if not self.store.list_prefix(uri.rstrip("/") + "/"):
-            self.store.put_tree(SAMPLE_DATA, uri)
-            log.info("no data at %s yet: staged the bundled sample (%s) there", uri, SAMPLE_DATA)
+        """InputDataUri when the run names none: the configured input_data_uri as is, otherwise the
+        bundled sample, staged the first time."""
+        if self.config.input_data_uri:
+            uri = self.config.input_data_uri
+            if not self.store.list_prefix(uri.rstrip("/") + "/"):
+                raise KennelError(f"input_data_uri {uri}: nothing stored there in {self.home}; run with "
+                                  "--data FOLDER, or unset input_data_uri to run on the bundled sample")
+            return uri
+        uri = self.sample_data_uri
+        if self._put_once(SAMPLE_DATA, dataset_files(SAMPLE_DATA), uri):
+            log.info("staged the bundled sample (%s) as %s", SAMPLE_DATA, uri)
         return uri
+
+    def _put_once(self, folder: Path, files: list[Path], uri: str) -> bool:
+        """Copy `files` of `folder` under `uri` unless something is there already; True if copied.
+
+        The copy is made in a hidden sibling folder that store listings skip, then renamed into
+        place, so a run killed while staging never leaves half a dataset that later runs would take
+        for the whole one.
+        """
+        if self.store.list_prefix(uri + "/"):
+            return False
+        final = self.store.path_for(uri)
+        staging = final.with_name(f".{final.name}{PARTIAL_MARKER}{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            for path in files:
+                target = staging / path.relative_to(folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+            # Whatever is at `final` holds no object (the listing was empty): partial files at most.
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return True
 
     # --- executions --------------------------------------------------------------------------
     def start(self, parameters: Mapping[str, str], wait: bool) -> ExecutionStatus:

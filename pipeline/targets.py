@@ -10,9 +10,11 @@ answers on the local target that the local runner is not installed yet.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.config import KennelConfig
@@ -20,6 +22,9 @@ from pipeline.errors import TargetUnavailable
 
 TARGET_MODULES = {"aws": "pipeline.aws", "local": "pipeline.local_target"}
 TERMINAL_STATUSES = ("Succeeded", "Failed", "Stopped")
+# `kennel run --data FOLDER` copies the folder to s3://<bucket>/<prefix>/uploads/<name>-<hash>,
+# outside the default data prefix, so an upload never mixes with the data a plain run reads.
+UPLOADS_FOLDER = "uploads"
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,27 @@ class Target(Protocol):
     def predict(self, body: bytes, content_type: str, endpoint: str) -> dict[str, Any]:
         """The endpoint's JSON answer to one request."""
         ...
+
+
+def dataset_files(folder: Path) -> list[Path]:
+    """The files of a local ImageFolder tree that make up the dataset, sorted (hidden files such
+    as .DS_Store, and caches, are not part of it)."""
+    return sorted(path for path in folder.rglob("*") if path.is_file() and not _hidden(path.relative_to(folder)))
+
+
+def dataset_name(folder: Path, files: list[Path]) -> str:
+    """`<folder name>-<content hash>`: the same tree always gets the same name and a changed tree a
+    new one, so a cached step reruns exactly when the data changed and old data is never overwritten."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in folder.resolve().name).strip("-")
+    return f"{cleaned or 'data'}-{digest.hexdigest()[:12]}"
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") or part == "__pycache__" for part in relative.parts)
 
 
 def get_target(name: str, config: KennelConfig) -> Target:

@@ -166,7 +166,8 @@ def test_a_local_folder_is_uploaded_once_and_used_as_input(target, tmp_path):
         (data / name).parent.mkdir(parents=True, exist_ok=True)
         (data / name).write_bytes(name.encode())
     uri = target.stage_data(str(data))
-    assert uri.startswith(f"s3://{BUCKET}/kennel/data/pets-")
+    # Outside the default data prefix (s3://BUCKET/kennel/data), whose tree it would otherwise join.
+    assert uri.startswith(f"s3://{BUCKET}/kennel/uploads/pets-")
     prefix = uri.removeprefix(f"s3://{BUCKET}/")
     s3 = boto3.client("s3", region_name=REGION)
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"])

@@ -225,3 +225,37 @@ def test_status_shows_the_debugger_and_profiler_rules_the_report_and_the_plots(
     assert plots and all(Path(plot).is_file() and plot.endswith(".png") for plot in plots)
     assert any("confusion" in plot for plot in plots) and any("training" in plot for plot in plots)
     assert "CheckTestLoss: condition LessThanOrEqualTo:" in text
+
+
+def prepared(home: Path, execution: str) -> tuple[str, list[str]]:
+    """What PrepareData read (its data input) and the classes its manifest.json lists."""
+    prepare = step_record(home, execution, "PrepareData")
+    request = json.loads(Path(prepare["JobDir"], "opt_ml", "config", "processingjobconfig.json").read_text())
+    data = next(item["S3Input"]["S3Uri"] for item in request["ProcessingInputs"] if item["InputName"] == "data")
+    report = next(o["S3Output"]["S3Uri"] for o in prepare["Properties"]["ProcessingOutputConfig"]["Outputs"]
+                  if o["OutputName"] == "report")
+    manifest = json.loads((home / "s3" / report.removeprefix("s3://").rstrip("/") / "manifest.json").read_text())
+    return data, manifest["classes"]
+
+
+def test_a_run_on_your_own_folder_then_a_plain_run_on_the_sample(tmp_path: Path) -> None:
+    home = tmp_path / ".kennel"
+    tree = tmp_path / "my-photos"  # one folder per class: prepare splits it
+    mine = ["bag", "sandal", "trouser"]
+    for label in mine:
+        (tree / label).mkdir(parents=True)
+        for image in sorted((SAMPLE / "train" / label).iterdir())[:12]:
+            (tree / label / image.name).write_bytes(image.read_bytes())
+    tiny = params("MaxJobs=1", "MaxParallelJobs=1", "Epochs=1", "ImageSize=32", "TestLossThreshold=100")
+
+    own = kennel(home, "run", "--wait", "--data", str(tree), *tiny, "--json")
+    assert own.returncode == 0, own.stderr[-3000:]
+    own_execution = json.loads(own.stdout)["execution_id"]
+    data, classes = prepared(home, own_execution)
+    assert data.startswith("s3://kennel-local/kennel/uploads/my-photos-") and classes == mine
+
+    # The upload lives apart from the sample: a plain run still gets the sample, and only the sample.
+    plain = kennel(home, "run", "--wait", *tiny, "--json")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    data, classes = prepared(home, json.loads(plain.stdout)["execution_id"])
+    assert data == "s3://kennel-local/kennel/data/sample" and classes == CLASSES

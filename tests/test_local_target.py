@@ -9,9 +9,11 @@ import pytest
 from kennel_support import repo_config
 from test_local_support import BUCKET, definition, get, processing_step
 
+from local.files import PARTIAL_MARKER
 from local.runner import RunOptions, run_pipeline
 from pipeline.errors import KennelError
 from pipeline.local_target import LocalTarget
+from pipeline.targets import dataset_files, dataset_name
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
@@ -31,8 +33,11 @@ def small_tree(root: Path, classes: int = 2, per_class: int = 3) -> Path:
 
 def test_a_folder_is_staged_by_content(target: LocalTarget, tmp_path: Path) -> None:
     tree = small_tree(tmp_path / "photos")
+    (tree / ".DS_Store").write_bytes(b"finder's")  # not part of the dataset
     uri = target.stage_data(str(tree))
-    assert uri.startswith(target.config.data_uri + "/")
+    assert uri.startswith("s3://kennel-local/kennel/uploads/photos-")
+    assert not uri.startswith(target.config.data_uri)  # never inside the prefix the sample lives in
+    assert not (target.store.path_for(uri) / ".DS_Store").exists()
     staged = sorted(p.relative_to(target.store.path_for(uri)) for p in target.store.path_for(uri).rglob("*.png"))
     assert staged == sorted(p.relative_to(tree) for p in tree.rglob("*.png"))
     assert target.stage_data(str(tree)) == uri  # same content, same place: a cached step is reused
@@ -61,12 +66,37 @@ def test_an_empty_folder_is_refused(target: LocalTarget, tmp_path: Path) -> None
 
 def test_the_sample_is_staged_once_when_the_default_data_is_missing(target: LocalTarget) -> None:
     uri = target._default_data()
+    assert uri == target.config.data_uri + "/sample"
     folder = target.store.path_for(uri)
     assert len(list(folder.rglob("*.png"))) == 1400
     marker = next(folder.rglob("*.png"))
     marker.unlink()
     target._default_data()  # data is there already: left alone, not restaged
     assert not marker.exists()
+
+
+def test_state_of_the_older_layout_does_not_reach_prepare(target: LocalTarget, tmp_path: Path) -> None:
+    # Older versions put the sample straight under <data_uri>/ and uploads beside it, <data_uri>/<hash>/.
+    old = target.config.data_uri
+    target.store.put_tree(small_tree(tmp_path / "old-sample" / "train"), f"{old}/train")
+    target.store.put_tree(small_tree(tmp_path / "old-upload"), f"{old}/0123456789abcdef")
+    uri = target._default_data()
+    assert uri == f"{old}/sample" and len(target.store.list_prefix(uri + "/")) == 1400
+    key_prefix = uri.removeprefix("s3://kennel-local/") + "/"
+    splits = {stored.uri.key.removeprefix(key_prefix).split("/")[0] for stored in target.store.list_prefix(uri + "/")}
+    assert splits == {"train", "valid", "test"}  # prepare gets the sample alone
+
+
+def test_a_partly_staged_folder_is_never_taken_for_the_whole(target: LocalTarget, tmp_path: Path) -> None:
+    tree = small_tree(tmp_path / "photos")
+    uri = f"s3://kennel-local/kennel/uploads/{dataset_name(tree, dataset_files(tree))}"
+    final = target.store.path_for(uri)
+    leftover = final.with_name(f".{final.name}{PARTIAL_MARKER}4242") / "bag" / "x.png"  # a killed copy
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half")
+    assert target.store.list_prefix(uri + "/") == []  # listings skip it
+    assert target.stage_data(str(tree)) == uri
+    assert len(target.store.list_prefix(uri + "/")) == len(dataset_files(tree))
 
 
 def test_status_without_executions_says_how_to_start(target: LocalTarget) -> None:
