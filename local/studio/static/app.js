@@ -147,7 +147,8 @@ function drawDag(graph, statuses, selected, onPick) {
       x: PAD + layer * (NODE_W + GAP_X), y: top + i * (NODE_H + GAP_Y),
     }));
   }
-  const picture = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": "pipeline DAG" },
+  // Its natural size in pixels, shrunk to fit (app.css): a DAG of one or two steps is not blown up.
+  const picture = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", "aria-label": "pipeline DAG" },
     svg("defs", {}, svg("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7,
       markerHeight: 7, orient: "auto-start-reverse" }, svg("path", { d: "M 0 0 L 10 5 L 0 10 z", fill: "#9aa4af" }))));
   for (const edge of graph.Edges) {
