@@ -1,6 +1,10 @@
 """The studio page in a real headless browser (Debian's chromium driven by Playwright), over the state
-of a real local pipeline run: every step's status, the tuning trials, approving the package from the
-page (the endpoint starts), a prediction from an uploaded sample image, and a failed run's message.
+of a real local pipeline run: every step's status, the tuning trials, the training step's rule
+statuses, plots and profiler report, approving the package from the page (the endpoint starts), a
+prediction from an uploaded sample image, rejecting it (the endpoint stops), and a failed run's message.
+
+The tests share the module's two runs and run in file order: the prediction needs the endpoint the
+approval starts, and the rejection comes last because it stops that endpoint.
 
 Screenshots of the main views go to test-artifacts/studio/. `.ci/run` installs chromium; Playwright
 never downloads a browser (FACTS.md).
@@ -11,16 +15,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, Request, expect, sync_playwright
 
-from local import endpoints
+from local import deployment, endpoints
+from local.debugger_monitor import FOLDER as DEBUGGER_FOLDER
+from local.debugger_monitor import STATUS_FILE as RULE_STATUS_FILE
+from local.files import read_json, write_json_atomic
+from local.registry import LocalRegistry
 from local.state import (
     EXECUTING,
     SUCCEEDED,
@@ -44,6 +55,12 @@ ENDPOINT = "kennel-endpoint"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 HOSTILE_LINE = '<img src="x" id="injected" onerror="document.title=\'pwned\'">'
+# What the pipeline definition configures on TrainWithDebugger (the tests read the definition too).
+DEBUGGER_RULES = ["LossNotDecreasing", "VanishingGradient", "Overfit", "Overtraining",
+                  "PoorWeightInitialization", "ExplodingTensor"]
+PROFILER_RULES = ["ProfilerReport", "LowGPUUtilization"]
+SETTLED = ("NoIssuesFound", "IssuesFound")  # a rule that ran to the end; Error means it could not
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -75,7 +92,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
         yield Runs(home, succeeded, failed, server.url)
     finally:
         server.stop()
-        if (home / "endpoints" / ENDPOINT).is_dir():
+        # Stop what the approval started, if a test left it serving (the Deploy step makes the
+        # endpoint's folder even when nothing is approved).
+        if any(e.name == ENDPOINT and e.status in endpoints.LIVE_STATUSES for e in endpoints.list_endpoints(home)):
             endpoints.stop(home, ENDPOINT)
 
 
@@ -101,9 +120,33 @@ def page(browser: Browser) -> Iterator[Page]:
     assert not errors, errors  # no script error, no refused resource, no CSP violation
 
 
-def shot(page: Page, name: str) -> None:
+def shot(page: Page, name: str) -> Path:
+    """A full-page screenshot as a test artifact, checked to be a real, non-empty PNG."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    path = ARTIFACTS / f"{name}.png"
+    path.unlink(missing_ok=True)  # a screenshot left by an earlier run must not pass for this one
+    page.screenshot(path=str(path), full_page=True)
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 0 and height > 0 and len(data) > 1000, (path, width, height, len(data))
+    return path
+
+
+def expect_images_loaded(images: Locator, count: int) -> None:
+    """`count` images, each fetched and decoded by the browser (a broken one has no natural size)."""
+    expect(images).to_have_count(count)
+    for image in images.all():
+        image.scroll_into_view_if_needed()  # the page loads plots lazily
+        # decode() waits for the image and rejects when it cannot be shown.
+        width = image.evaluate("img => img.decode().then(() => img.naturalWidth)")
+        assert width > 0, image.get_attribute("src")
+
+
+def _off_host(request: Request) -> bool:
+    """A request that leaves this machine: anything but inline data and the studio on 127.0.0.1."""
+    parts = urlsplit(request.url)
+    return parts.scheme != "data" and parts.hostname != "127.0.0.1"
 
 
 def test_a_running_execution_updates_without_reload(page: Page, tmp_path: Path) -> None:
@@ -131,6 +174,38 @@ def test_a_running_execution_updates_without_reload(page: Page, tmp_path: Path) 
         store.save(execution)
         expect(page.locator("h1 .badge")).to_have_text(SUCCEEDED, timeout=10_000)
         assert page.evaluate("window.notReloaded") is True
+
+
+def test_a_running_training_step_shows_its_live_rule_statuses(page: Page, tmp_path: Path) -> None:
+    """While the training job runs, the step shows the statuses the rule evaluator keeps rewriting
+    in the job folder (InProgress at first), and follows them without a reload."""
+    definition = {"Version": "2020-12-01", "Parameters": [], "Steps": [
+        {"Name": "TrainWithDebugger", "Type": "Training", "Arguments": {}}]}
+    store = ExecutionStore(tmp_path / "home")
+    execution = store.create(definition, "demo", {})
+    execution.runner = current_process()  # a live runner, so the state is not read as interrupted
+    store.save(execution)
+    job_dir = execution.folder / "jobs" / "TrainWithDebugger-1"
+    status_file = job_dir / DEBUGGER_FOLDER / RULE_STATUS_FILE
+    statuses = [{"RuleConfigurationName": name, "RuleEvaluationStatus": "InProgress", "StatusDetails": ""}
+                for name in DEBUGGER_RULES]
+    write_json_atomic(status_file, {"Finished": False, "Statuses": statuses})
+    store.save_step(execution.execution_id, StepRecord("TrainWithDebugger", "Training", EXECUTING,
+                                                       start_time=now(), job_dir=str(job_dir)))
+    with StudioServer(tmp_path / "home", port=0) as server:
+        page.goto(f"{server.url}#/executions/{execution.execution_id}/TrainWithDebugger")
+        for name in DEBUGGER_RULES:
+            expect(page.locator(f"#debug-rules tr[data-rule='{name}'] .badge")).to_have_text("InProgress")
+        shot(page, "training-live-rules")
+        page.evaluate("window.notReloaded = true")
+        statuses[-1].update(RuleEvaluationStatus="IssuesFound", StatusDetails="step 12: a tensor is infinite")
+        write_json_atomic(status_file, {"Finished": False, "Statuses": statuses})
+        row = page.locator(f"#debug-rules tr[data-rule='{DEBUGGER_RULES[-1]}']")
+        expect(row.locator(".badge")).to_have_text("IssuesFound", timeout=10_000)
+        expect(row).to_contain_text("a tensor is infinite")
+        assert page.evaluate("window.notReloaded") is True
+        execution.status = SUCCEEDED  # lets the page stop polling
+        store.save(execution)
 
 
 def test_a_run_is_shown_step_by_step(runs: Runs, page: Page) -> None:
@@ -163,11 +238,67 @@ def test_a_run_is_shown_step_by_step(runs: Runs, page: Page) -> None:
     page.locator("#steps tr[data-step='Evaluate']").click()
     expect(page.locator("#confusion-matrix tbody tr")).to_have_count(len(CLASS_NAMES))
     expect(page.locator("#metrics")).to_contain_text("accuracy")
+    evaluate_plots = load_execution(runs.home, runs.succeeded).steps["Evaluate"].metadata.get("Plots") or []
+    assert evaluate_plots, "Evaluate recorded no plot (the confusion matrix)"
+    expect_images_loaded(page.locator(".plots img"), len(evaluate_plots))
     shot(page, "evaluation")
 
-    page.locator("#steps tr[data-step='TrainWithDebugger']").click()
+
+def test_the_training_step_shows_rules_plots_and_the_profiler_report(runs: Runs, page: Page) -> None:
+    """TrainWithDebugger: every configured Debugger and profiler rule with its settled status, the
+    plots as loaded images, and the profiler report, which renders offline in the browser."""
+    execution = load_execution(runs.home, runs.succeeded)
+    record = execution.steps["TrainWithDebugger"]
+    step = next(s for s in read_json(execution.folder / "definition.json")["Steps"] if s["Name"] == "TrainWithDebugger")
+    configured = {
+        "debug-rules": [rule["RuleConfigurationName"] for rule in step["Arguments"]["DebugRuleConfigurations"]],
+        "profiler-rules": [rule["RuleConfigurationName"] for rule in step["Arguments"]["ProfilerRuleConfigurations"]],
+    }
+    assert configured == {"debug-rules": DEBUGGER_RULES, "profiler-rules": PROFILER_RULES}
+    recorded = {
+        "debug-rules": record.properties["DebugRuleEvaluationStatuses"],
+        "profiler-rules": record.properties["ProfilerRuleEvaluationStatuses"],
+    }
+    files = f"/api/executions/{runs.succeeded}/steps/TrainWithDebugger/files"
+    off_host: list[str] = []
+    page.context.on("request", lambda request: off_host.append(request.url) if _off_host(request) else None)
+    report_errors: list[str] = []  # the page fixture watches the studio's tab; this, the report's
+    page.context.on("page", lambda tab: tab.on(
+        "console", lambda message: report_errors.append(message.text) if message.type == "error" else None))
+    plot_answers: list[tuple[str, int, str]] = []
+    page.context.on("response", lambda response: plot_answers.append(
+        (urlsplit(response.url).path, response.status, response.headers.get("content-type", "")))
+        if "/files/plot/" in response.url else None)
+
+    page.goto(f"{runs.url}#/executions/{runs.succeeded}/TrainWithDebugger")
     expect(page.locator("#log")).to_be_visible()
+    for table_id, names in configured.items():
+        expect(page.locator(f"#{table_id} tbody tr")).to_have_count(len(names))
+        statuses = {status["RuleConfigurationName"]: status["RuleEvaluationStatus"] for status in recorded[table_id]}
+        for name in names:
+            assert statuses[name] in SETTLED, (name, statuses[name])
+            expect(page.locator(f"#{table_id} tr[data-rule='{name}'] .badge")).to_have_text(statuses[name])
+
+    plots = record.metadata["Plots"]
+    expect_images_loaded(page.locator(".plots img"), len(plots))
+    assert set(plot_answers) == {(f"{files}/plot/{index}", 200, "image/png") for index in range(len(plots))}
     shot(page, "training")
+
+    with page.context.expect_page() as opened:
+        page.locator("#profiler-report").click()  # target=_blank: the report opens in its own tab
+    report = opened.value
+    report.wait_for_load_state("load")
+    assert urlsplit(report.url).path == f"{files}/profiler-report/0"
+    expect(report.locator("h1")).to_have_text("Profiler report")
+    expect(report.locator("body")).to_contain_text(record.job_name or "")
+    for name in PROFILER_RULES[1:]:  # the report is ProfilerReport's output; it lists the other rules
+        expect(report.locator("table").first).to_contain_text(name)
+    charts = report.locator("img")
+    assert charts.count() >= 1, "the report has no inline charts"
+    expect_images_loaded(charts, charts.count())
+    shot(report, "profiler-report")
+    assert not report_errors, report_errors
+    assert not off_host, f"requests outside 127.0.0.1: {off_host}"
 
 
 def test_html_in_a_log_stays_text(runs: Runs, page: Page) -> None:
@@ -193,17 +324,63 @@ def test_approve_from_the_page_then_predict(runs: Runs, page: Page) -> None:
     row = page.locator("table.packages tr[data-version='1']")
     expect(row.locator(".badge")).to_have_text("PendingManualApproval")
     row.locator("input.reason").fill("looks good in the browser test")
-    row.locator("button.approve").click()
     # The approval deploys before it answers (the same code as `kennel approve`): allow a model load.
-    expect(page.locator("table.packages tr[data-version='1'] .badge")).to_have_text("Approved", timeout=240_000)
+    with page.expect_response(lambda r: r.url.endswith("/api/registry/approve"), timeout=240_000) as answer:
+        row.locator("button.approve").click()
+    assert answer.value.status == 200, answer.value.text()
+    approved = answer.value.json()["ModelPackageVersion"]
+    assert approved == 1
+    expect(page.locator("table.packages tr[data-version='1'] .badge")).to_have_text("Approved")
     expect(page.locator("table.packages tr[data-version='1']")).to_contain_text("looks good in the browser test")
     shot(page, "models")
 
     page.goto(f"{runs.url}#/endpoints")
-    expect(page.locator(f"#endpoints tr[data-endpoint='{ENDPOINT}'] .badge")).to_have_text("InService")
+    endpoint_row = page.locator(f"#endpoints tr[data-endpoint='{ENDPOINT}']")
+    expect(endpoint_row.locator(".badge")).to_have_text("InService")
+    expect(endpoint_row.locator(".package")).to_have_text(f"version {approved}")
+    assert endpoints.describe_endpoint(runs.home, ENDPOINT).model_package_version == approved
     page.locator("#image").set_input_files(str(SAMPLE_IMAGE))
     page.locator("#predict-form button[type=submit]").click()
     labels = page.locator("#predictions .prediction .label")
     expect(labels).to_have_count(3, timeout=60_000)
     assert labels.first.inner_text() in CLASS_NAMES
     shot(page, "endpoints")
+
+
+def test_reject_from_the_page_stops_the_endpoint(runs: Runs, page: Page) -> None:
+    """After the approval above: rejecting the only Approved package from the page does what
+    `kennel reject` does (local.deployment.reject): Rejected with the reason in the package's
+    history, and its endpoint stopped, since no Approved package is left to roll back to."""
+    serving = endpoints.describe_endpoint(runs.home, ENDPOINT)
+    assert serving.status == endpoints.IN_SERVICE and serving.model_package_version == 1 and serving.url
+    reason = "rejected in the browser test"
+    page.goto(f"{runs.url}#/models")
+    row = page.locator("table.packages tr[data-version='1']")
+    expect(row.locator(".badge")).to_have_text("Approved")
+    row.locator("input.reason").fill(reason)
+    with page.expect_response(lambda r: r.url.endswith("/api/registry/reject"), timeout=60_000) as answer:
+        row.locator("button.reject").click()
+    assert answer.value.status == 200, answer.value.text()
+    result = answer.value.json()
+    assert (result["PreviousApprovalStatus"], result["ModelApprovalStatus"]) == ("Approved", "Rejected")
+    [stopped] = result["Deployments"]
+    assert (stopped["Action"], stopped["EndpointName"]) == (deployment.STOPPED, ENDPOINT)
+    expect(page.locator("#notice")).to_contain_text(stopped["Message"])
+
+    expect(page.locator("table.packages tr[data-version='1'] .badge")).to_have_text("Rejected")
+    expect(page.locator("table.packages tr[data-version='1'] li").last).to_contain_text(f"Approved → Rejected ({reason})")
+    change = LocalRegistry(runs.home).history(serving.model_package_arn or "")[-1]
+    assert (change.from_status, change.to_status, change.reason) == ("Approved", "Rejected", reason)
+    shot(page, "rejected")
+
+    # Stopped as `kennel reject` leaves it: out of service, its server gone, the last package kept.
+    after = endpoints.describe_endpoint(runs.home, ENDPOINT)
+    assert (after.status, after.url, after.model_package_version) == (endpoints.OUT_OF_SERVICE, None, 1)
+    old = urlsplit(serving.url)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((old.hostname, old.port), timeout=5).close()
+    page.goto(f"{runs.url}#/endpoints")
+    endpoint_row = page.locator(f"#endpoints tr[data-endpoint='{ENDPOINT}']")
+    expect(endpoint_row.locator(".badge")).to_have_text(endpoints.OUT_OF_SERVICE)
+    expect(endpoint_row.locator(".package")).to_have_text("version 1")
+    shot(page, "endpoints-after-reject")

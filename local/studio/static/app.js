@@ -348,7 +348,7 @@ function evaluationSection(step) {
 function rulesSection(title, id, rules) {
   if (!rules || !rules.length) return null;
   return [el("h3", {}, title), table(["Rule", "Status", "Details"], rules.map((r) =>
-    el("tr", {}, el("td", {}, r.RuleConfigurationName), el("td", {}, badge(r.RuleEvaluationStatus)),
+    el("tr", { "data-rule": r.RuleConfigurationName }, el("td", {}, r.RuleConfigurationName), el("td", {}, badge(r.RuleEvaluationStatus)),
       el("td", {}, r.StatusDetails || ""))), { id })];
 }
 
@@ -424,7 +424,7 @@ async function showEndpoints(mine) {
   const [endpoints, overview] = await Promise.all([api("/api/endpoints"), api("/api/overview")]);
   const names = [...new Set([...endpoints.map((e) => e.Name), overview.EndpointName])];
   const rows = endpoints.map((e) => el("tr", { "data-endpoint": e.Name },
-    el("td", {}, e.Name), el("td", {}, badge(e.Status)), el("td", {}, e.ModelPackageVersion ? `version ${e.ModelPackageVersion}` : "-"),
+    el("td", {}, e.Name), el("td", {}, badge(e.Status)), el("td", { className: "package" }, e.ModelPackageVersion ? `version ${e.ModelPackageVersion}` : "-"),
     el("td", {}, e.Url || "-"), el("td", {}, when(e.LastModifiedTime)), el("td", { className: "muted" }, e.FailureReason || "")));
   const file = el("input", { type: "file", id: "image", accept: "image/*" });
   const endpoint = el("select", { id: "endpoint" }, names.map((n) => el("option", { value: n }, n)));
