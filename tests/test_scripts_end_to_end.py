@@ -1,13 +1,15 @@
 """The four step scripts chained as the pipeline chains them, each a real subprocess.
 
 prepare -> train -> evaluate -> inference on the bundled sample, with every container layout
-re-rooted in tmp_path. Uses the local pipeline's default training settings (LOCAL_TRAINING), so
-this is also the check that those defaults reach 0.70 test accuracy on the sample.
+re-rooted in tmp_path. The settings come from the project's configuration for the local target
+(kennel.toml with its [local] section), so this is also the check that the default local settings
+reach 0.70 test accuracy on the sample, and a change to those defaults is checked here too.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,13 +19,30 @@ from pathlib import Path
 import pytest
 
 import contract
+from pipeline.config import KennelConfig, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINTS = REPO_ROOT / "entrypoints"
 SAMPLE = REPO_ROOT / "data" / "sample"
 
-# The small training settings the local target uses by default on this 2-core machine.
-LOCAL_TRAINING = ["--image-size", "96", "--freeze", "last-block", "--epochs", "2", "--workers", "0"]
+
+def local_defaults() -> KennelConfig:
+    """The shipped kennel.toml for the local target; a developer's KENNEL_* variables left out."""
+    return load_config(REPO_ROOT / "kennel.toml", environ={}).for_target("local")
+
+
+def training_arguments(config: KennelConfig) -> list[str]:
+    """train.py's arguments as the pipeline's training job gets them (steps/tune.py), with the
+    tuned ones at a point the local tuner may pick: the geometric middle of its log-scaled
+    learning-rate range, the smallest batch size and the most epochs."""
+    lr = math.sqrt(config.lr_min * config.lr_max)
+    return [
+        "--arch", config.architecture, "--weights", config.weights, "--freeze", config.freeze,
+        "--image-size", str(config.image_size), "--optimizer", config.optimizer,
+        "--weight-decay", str(config.weight_decay), "--label-smoothing", str(config.label_smoothing),
+        "--seed", str(config.seed), "--workers", str(config.workers),
+        "--lr", f"{lr:.6g}", "--batch-size", str(min(config.batch_sizes)), "--epochs", str(config.epochs),
+    ]
 
 
 def run_script(script: str, base: Path, *args: str | Path, env: dict[str, str] | None = None) -> str:
@@ -40,10 +59,11 @@ def run_script(script: str, base: Path, *args: str | Path, env: dict[str, str] |
 @pytest.mark.slow
 def test_prepare_train_evaluate_infer_on_the_sample(tmp_path: Path) -> None:
     # PrepareData: a processing job reading /opt/ml/processing/input/data.
+    config = local_defaults()
     processing = tmp_path / "prepare"
     (processing / "processing" / "input").mkdir(parents=True)
     (processing / "processing" / "input" / "data").symlink_to(SAMPLE)
-    run_script("prepare.py", processing, "--workers", "2")
+    run_script("prepare.py", processing, "--min-size", str(config.min_image_size), "--workers", "2")
     prepared = processing / "processing" / "output"
     manifest = json.loads((prepared / "report" / contract.MANIFEST_FILE).read_text())
     assert manifest["totals"]["all"] == 1400
@@ -52,7 +72,7 @@ def test_prepare_train_evaluate_infer_on_the_sample(tmp_path: Path) -> None:
     training = tmp_path / "train"
     model_dir = training / "model"
     stdout = run_script(
-        "train.py", training, *LOCAL_TRAINING,
+        "train.py", training, *training_arguments(config),
         env={
             "SM_CHANNEL_TRAIN": str(prepared / "train"),
             "SM_CHANNEL_VALID": str(prepared / "valid"),
@@ -61,7 +81,7 @@ def test_prepare_train_evaluate_infer_on_the_sample(tmp_path: Path) -> None:
         },
     )
     epochs = [contract.parse_metric_line(line) for line in stdout.splitlines() if line.startswith("epoch=")]
-    assert len(epochs) == 2 and all("valid:loss" in metrics for metrics in epochs)
+    assert len(epochs) == config.epochs and all("valid:loss" in metrics for metrics in epochs)
 
     # SageMaker tars SM_MODEL_DIR into model.tar.gz; the evaluate job gets it as an input.
     evaluation_job = tmp_path / "evaluate"
