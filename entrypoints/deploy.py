@@ -6,7 +6,11 @@ an EndpointConfig named after the package version (so deploying the same version
 nothing), then creates the endpoint or updates it, and waits until it is InService.
 
 When the group has no Approved package yet it says so and exits 0: the package a pipeline
-execution registers usually waits for a person's approval, and that is not a failure.
+execution registers usually waits for a person's approval, and that is not a failure. When none
+is left because the package the endpoint serves was rejected (or set back to pending), the
+endpoint is deleted and the script says so: an endpoint never keeps serving a model that is not
+Approved, as on the local target, whose endpoint stops then. Its model and endpoint config stay,
+so approving a package again deploys quickly.
 
 The decisions (which package, create / update / nothing to do) are pure functions of a SageMaker
 client, so any object with the same methods (boto3's client, a local registry) can be used.
@@ -40,6 +44,7 @@ CREATE = "create"
 UPDATE = "update"
 UP_TO_DATE = "up-to-date"
 REPLACE = "replace"  # the endpoint is Failed: SageMaker cannot update it, only delete and create
+DELETE = "delete"  # it serves a package that is no longer Approved, and no Approved one is left
 
 
 class DeployError(Exception):
@@ -123,14 +128,30 @@ def _is_not_found(error: Exception) -> bool:
     )
 
 
+def served_package(client: Any, endpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """DescribeModelPackage of the package the endpoint serves (through its endpoint config and
+    model), or None when it serves no model package or those resources are gone."""
+    try:
+        config = client.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+        variants = config.get("ProductionVariants") or []
+        if not variants:
+            return None
+        model = client.describe_model(ModelName=variants[0]["ModelName"])
+        containers = model.get("Containers") or [model.get("PrimaryContainer") or {}]
+        arn = next((c["ModelPackageName"] for c in containers if c.get("ModelPackageName")), None)
+        return client.describe_model_package(ModelPackageName=arn) if arn else None
+    except Exception as error:  # botocore ClientError
+        if _is_not_found(error):
+            return None
+        raise
+
+
 def plan_deployment(client: Any, target: Target) -> Plan:
-    """Decide: nothing approved, create, update, replace a failed endpoint, or already serving it."""
+    """Decide: nothing approved, delete an endpoint left serving a package that is no longer
+    Approved, create, update, replace a failed endpoint, or already serving it."""
     package = newest_approved_package(client, target.model_package_group)
     if package is None:
-        return Plan(NOTHING_APPROVED, (
-            f"No Approved package in model package group {target.model_package_group!r} yet: nothing "
-            f"deployed. Approve one (kennel approve --latest) and it is deployed to {target.endpoint_name!r}."
-        ))
+        return _plan_without_approved(client, target)
     version = package_version(package)
     model, config = resource_names(target, version)
     found = dict(package_arn=package["ModelPackageArn"], version=version, model_name=model,
@@ -145,6 +166,25 @@ def plan_deployment(client: Any, target: Target) -> Plan:
     if endpoint.get("EndpointConfigName") == config:
         return Plan(UP_TO_DATE, f"Endpoint {target.endpoint_name!r} already serves version {version}", **found)
     return Plan(UPDATE, f"Updating endpoint {target.endpoint_name!r} to package version {version}", **found)
+
+
+def _plan_without_approved(client: Any, target: Target) -> Plan:
+    group, name = target.model_package_group, target.endpoint_name
+    endpoint = describe_endpoint(client, name)
+    served = served_package(client, endpoint) if endpoint is not None else None
+    no_longer_approved = (served is not None and served.get("ModelPackageGroupName") == group
+                          and served.get("ModelApprovalStatus") != "Approved")
+    if no_longer_approved:
+        version = package_version(served)
+        return Plan(DELETE, (
+            f"Endpoint {name!r} serves version {version}, which is {served.get('ModelApprovalStatus')} now, and no "
+            f"Approved package is left in model package group {group!r} to roll back to: deleting the endpoint. "
+            f"Approve a package (kennel approve --version N) to serve again."
+        ), package_arn=served["ModelPackageArn"], version=version)
+    return Plan(NOTHING_APPROVED, (
+        f"No Approved package in model package group {group!r} yet: nothing deployed. Approve one "
+        f"(kennel approve --latest) and it is deployed to {name!r}."
+    ))
 
 
 def ensure_model(client: Any, plan: Plan, role_arn: str) -> None:
@@ -189,6 +229,9 @@ def apply_plan(client: Any, plan: Plan, target: Target, role_arn: str,
                sleep: Callable[[float], None] = time.sleep) -> None:
     """Carry out `plan`: create what is missing, then create, update or replace the endpoint."""
     if plan.action in (NOTHING_APPROVED, UP_TO_DATE):
+        return
+    if plan.action == DELETE:
+        client.delete_endpoint(EndpointName=target.endpoint_name)
         return
     ensure_model(client, plan, role_arn)
     ensure_endpoint_config(client, plan, target)
@@ -256,6 +299,11 @@ def deploy(client: Any, target: Target, role_arn: str, wait: bool, timeout: floa
     log.info("%s", plan.message)
     apply_plan(client, plan, target, role_arn, sleep)
     if plan.action == NOTHING_APPROVED:
+        return plan
+    if plan.action == DELETE:
+        if wait:
+            wait_deleted(client, target.endpoint_name, timeout, poll, sleep)
+        log.info("Endpoint %s %s", target.endpoint_name, "deleted" if wait else "is being deleted")
         return plan
     if wait:
         # Also for UP_TO_DATE: the endpoint may still be updating to this very config.

@@ -1,10 +1,13 @@
 """Approval and deployment on the local target: what `kennel approve / reject` and the local Deploy
 step call.
 
-One rule, the same as on AWS: an endpoint serves the newest Approved package of its group.
+One rule, the same as on AWS (entrypoints/deploy.py): an endpoint serves the newest Approved
+package of its group, and never a package that is no longer Approved.
 
 - `deploy_newest_approved`: serve that package (start the endpoint, swap its model, or nothing when
-  it already serves it); with nothing approved it is a successful no-op that says so.
+  it already serves it); with nothing approved it is a successful no-op that says so, unless the
+  endpoint still serves a package of the group that is no longer Approved: then it stops (on AWS
+  the endpoint is deleted).
 - `approve`: mark a package Approved, then deploy at once.
 - `reject`: mark a package Rejected; every endpoint serving it rolls back to the newest package that
   is still Approved, or stops when none is left.
@@ -93,8 +96,12 @@ def deploy_newest_approved(home: Path, group: str, endpoint_name: str) -> Deploy
     """Serve the newest Approved package of `group` on `endpoint_name` (the local Deploy step)."""
     home = Path(home)
     with endpoints.endpoint_lock(home, endpoint_name):
-        package = LocalRegistry(home).newest_approved(group)
+        registry = LocalRegistry(home)
+        package = registry.newest_approved(group)
         if package is None:
+            served = _served_package(home, registry, endpoint_name)
+            if served is not None and served["ModelPackageGroupName"] == group:
+                return _stop(home, group, endpoint_name, served)
             return DeploymentResult(
                 NOTHING_APPROVED,
                 (
@@ -105,6 +112,21 @@ def deploy_newest_approved(home: Path, group: str, endpoint_name: str) -> Deploy
             )
         deployed = endpoints.start_or_update(home, endpoint_name, package)
         return _result(deployed, package)
+
+
+def _served_package(home: Path, registry: LocalRegistry, endpoint_name: str) -> dict[str, Any] | None:
+    """The registry's package that the live endpoint serves, or None (no endpoint, not live, or a
+    package the registry does not hold)."""
+    try:
+        endpoint = endpoints.describe_endpoint(home, endpoint_name)
+    except EndpointError:
+        return None
+    if endpoint.status not in LIVE_STATUSES or not endpoint.model_package_arn:
+        return None
+    try:
+        return registry.describe_model_package(endpoint.model_package_arn)
+    except RegistryError:
+        return None
 
 
 def approve(
@@ -178,15 +200,7 @@ def _roll_back(home: Path, group: str, endpoint_name: str, rejected: dict[str, A
             )
         package = LocalRegistry(home).newest_approved(group)
         if package is None:
-            endpoints.stop(home, endpoint_name)
-            return DeploymentResult(
-                STOPPED,
-                (
-                    f"Endpoint {endpoint_name!r} stopped: it served version {rejected['ModelPackageVersion']}, and no "
-                    f"Approved package is left in group {group!r} to roll back to. Approve one to serve again."
-                ),
-                endpoint_name,
-            )
+            return _stop(home, group, endpoint_name, rejected)
         deployed = endpoints.start_or_update(home, endpoint_name, package)
         result = _result(deployed, package)
         message = (
@@ -201,6 +215,19 @@ def _roll_back(home: Path, group: str, endpoint_name: str, rejected: dict[str, A
             result.model_package_version,
             result.url,
         )
+
+
+def _stop(home: Path, group: str, endpoint_name: str, served: dict[str, Any]) -> DeploymentResult:
+    """Stop an endpoint that serves a package no longer Approved, when none is left to serve."""
+    endpoints.stop(home, endpoint_name)
+    return DeploymentResult(
+        STOPPED,
+        (
+            f"Endpoint {endpoint_name!r} stopped: it served version {served['ModelPackageVersion']}, and no "
+            f"Approved package is left in group {group!r} to roll back to. Approve one to serve again."
+        ),
+        endpoint_name,
+    )
 
 
 def _result(deployed: endpoints.Deployed, package: dict[str, Any]) -> DeploymentResult:

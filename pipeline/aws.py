@@ -391,8 +391,14 @@ class AwsTarget:
                 request["ApprovalDescription"] = reason
             sagemaker.update_model_package(**request)
             described = sagemaker.describe_model_package(ModelPackageName=package.arn)
-        message = (f"the approval rule starts {deploy_pipeline_name(self.config)}, which serves the newest "
-                   f"Approved package on {self.config.endpoint_name}" if self.config.approval_rule else
+        # The same rule as the local target's: the newest Approved package serves, and with none
+        # left an endpoint serving a rejected package is deleted (deploy.py).
+        endpoint = self.config.endpoint_name
+        effect = (f"serves the newest Approved package on {endpoint}" if status == APPROVED else
+                  f"rolls {endpoint} back to the newest Approved package, or deletes it if it served this "
+                  "version and none is left")
+        message = (f"the approval rule starts {deploy_pipeline_name(self.config)}, which {effect}"
+                   if self.config.approval_rule else
                    "no approval rule installed (approval_rule = false): run the pipeline's Deploy step "
                    "or `kennel run` to update the endpoint")
         return dataclasses.replace(_package(described), message=message)

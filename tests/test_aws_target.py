@@ -147,6 +147,7 @@ def test_approve_the_latest_and_reject_a_version(upserted):
     assert (approved.version, approved.approval_status) == (2, "Approved")
     rejected = upserted.reject(1, None)
     assert (rejected.version, rejected.approval_status) == (1, "Rejected")
+    assert "rolls kennel-endpoint back" in rejected.message and "or deletes it" in rejected.message
     described = sagemaker().describe_model_package(ModelPackageName=approved.arn)
     assert described["ModelApprovalStatus"] == "Approved"
     assert described["ApprovalDescription"] == "test loss 0.41 on the held-out split"

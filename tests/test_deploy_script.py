@@ -90,6 +90,37 @@ def test_deploying_the_same_version_again_changes_nothing(sagemaker):
     assert [len(items) for items in after] == [len(items) for items in before] == [1, 1]
 
 
+def test_rejecting_the_only_approved_package_that_serves_deletes_the_endpoint(sagemaker, caplog):
+    (arn,) = register(sagemaker, "Approved")
+    assert deploy.deploy(sagemaker, TARGET, ROLE_ARN, wait=True, sleep=no_sleep).action == deploy.CREATE
+    sagemaker.update_model_package(ModelPackageArn=arn, ModelApprovalStatus="Rejected",
+                                   ApprovalDescription="mislabels sneakers")
+    with caplog.at_level("INFO", logger="kennel.deploy"):
+        plan = deploy.deploy(sagemaker, TARGET, ROLE_ARN, wait=True, poll=0, sleep=no_sleep)
+    assert (plan.action, plan.version, plan.package_arn) == (deploy.DELETE, 1, arn)
+    assert f"Endpoint {ENDPOINT!r} serves version 1, which is Rejected now" in caplog.text
+    assert "deleting the endpoint" in caplog.text and f"Endpoint {ENDPOINT} deleted" in caplog.text
+    assert sagemaker.list_endpoints()["Endpoints"] == []
+    # The model and its config stay: approving again only creates the endpoint.
+    assert [m["ModelName"] for m in sagemaker.list_models()["Models"]] == [f"{GROUP}-v1"]
+    again = deploy.deploy(sagemaker, TARGET, ROLE_ARN, wait=True, sleep=no_sleep)
+    assert again.action == deploy.NOTHING_APPROVED  # nothing serves now, so there is nothing to delete
+
+
+def test_an_endpoint_serving_something_else_is_left_alone(sagemaker):
+    register(sagemaker, "Rejected")
+    sagemaker.create_model(ModelName="hand-made", ExecutionRoleArn=ROLE_ARN,
+                           PrimaryContainer={"Image": SPEC["Containers"][0]["Image"],
+                                             "ModelDataUrl": "s3://bucket/model.tar.gz"})
+    sagemaker.create_endpoint_config(EndpointConfigName="hand-made", ProductionVariants=[{
+        "VariantName": "AllTraffic", "ModelName": "hand-made", "InstanceType": "ml.m5.large",
+        "InitialInstanceCount": 1}])
+    sagemaker.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName="hand-made")
+    plan = deploy.deploy(sagemaker, TARGET, ROLE_ARN, wait=True, sleep=no_sleep)
+    assert plan.action == deploy.NOTHING_APPROVED
+    assert sagemaker.describe_endpoint(EndpointName=ENDPOINT)["EndpointConfigName"] == "hand-made"
+
+
 def test_names_follow_the_version_and_the_serving_shape():
     model, config = deploy.resource_names(TARGET, 7)
     assert deploy.resource_names(TARGET, 7) == (model, config)
@@ -236,11 +267,15 @@ def test_the_execution_role_policy_allows_every_call_deploy_makes(sagemaker, stu
     client, stubber = stubbed
     for each in (sagemaker, client):
         each.meta.events.register("provide-client-params.sagemaker", record)
-    register(sagemaker, "Approved")
+    (arn,) = register(sagemaker, "Approved")
     deploy.deploy(sagemaker, TARGET, ROLE_ARN, wait=True, sleep=no_sleep)
+    person = boto3.client("sagemaker", region_name=REGION)  # the rejection is a person's call, not deploy's
+    person.update_model_package(ModelPackageArn=arn, ModelApprovalStatus="Rejected")
+    assert deploy.deploy(sagemaker, TARGET, ROLE_ARN, wait=True, sleep=no_sleep).action == deploy.DELETE
     replace_scenario(client, stubber)
     update_scenario(client, stubber)
-    assert {"CreateModel", "CreateEndpointConfig", "CreateEndpoint", "UpdateEndpoint", "DeleteEndpoint"} <= called
+    assert {"CreateModel", "CreateEndpointConfig", "CreateEndpoint", "UpdateEndpoint", "DeleteEndpoint",
+            "DescribeEndpointConfig", "DescribeModel", "DescribeModelPackage"} <= called
     assert {f"sagemaker:{name}" for name in called} <= allowed
 
 
@@ -260,10 +295,15 @@ def test_the_script_deploys_and_says_when_nothing_is_approved(aws_env, tmp_path)
     nothing = run_script(*arguments, env=env)
     assert nothing.returncode == 0, nothing.stderr
     assert "No Approved package" in nothing.stdout
-    register(client, "Approved")
+    (approved,) = register(client, "Approved")
     done = run_script(*arguments, env=env)
     assert done.returncode == 0, done.stderr
     assert client.describe_endpoint(EndpointName=ENDPOINT)["EndpointConfigName"].startswith(f"{ENDPOINT}-v2-")
+    client.update_model_package(ModelPackageArn=approved, ModelApprovalStatus="Rejected")
+    deleted = run_script(*arguments, env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "which is Rejected now" in deleted.stdout and "deleting the endpoint" in deleted.stdout
+    assert client.list_endpoints()["Endpoints"] == []
 
 
 def test_bad_arguments_end_in_one_line_and_the_job_message(tmp_path):

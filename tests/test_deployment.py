@@ -99,6 +99,21 @@ def test_approve_serves_then_reject_rolls_back_then_stops(kennel_home: Path, tar
     assert history[-1].reason == "all wrong"
 
 
+def test_the_deploy_step_stops_an_endpoint_left_serving_a_package_no_longer_approved(
+    kennel_home: Path, tarballs: Tarballs
+) -> None:
+    register(kennel_home, tarballs.original, APPROVED)
+    assert deployment.deploy_newest_approved(kennel_home, GROUP, ENDPOINT).action == "created"
+    # The status changes behind the endpoint's back (the registry alone, as SageMaker's console would):
+    # the next deploy must not leave a rejected model serving, as entrypoints/deploy.py deletes it on AWS.
+    LocalRegistry(kennel_home).update_model_package(f"{GROUP}/1", REJECTED, "wrong labels")
+    result = deployment.deploy_newest_approved(kennel_home, GROUP, ENDPOINT)
+    assert result.action == deployment.STOPPED and "no Approved package is left" in result.message
+    assert endpoints.describe_endpoint(kennel_home, ENDPOINT).status == OUT_OF_SERVICE
+    assert server_processes(kennel_home) == []
+    assert deployment.deploy_newest_approved(kennel_home, GROUP, ENDPOINT).action == deployment.NOTHING_APPROVED
+
+
 def test_unknown_versions_are_clear_errors(kennel_home: Path, tarballs: Tarballs) -> None:
     with pytest.raises(RegistryError, match="no model package group"):
         deployment.approve(kennel_home, GROUP, "latest", endpoint_name=ENDPOINT)
