@@ -29,6 +29,8 @@ from pipeline.targets import (
     UpsertResult,
     dataset_files,
     dataset_name,
+    iso_time,
+    model_package,
 )
 
 log = logging.getLogger("kennel.aws")
@@ -255,7 +257,7 @@ class AwsTarget:
             enumerate(summaries), key=lambda pair: (pair[1].get("StartTime") or _EPOCH, pair[0]), reverse=True)]
         return [
             ExecutionStatus(execution_arn=summary["PipelineExecutionArn"], pipeline_name=self.config.pipeline_name,
-                            status=summary.get("PipelineExecutionStatus", ""), started=_iso(summary.get("StartTime")))
+                            status=summary.get("PipelineExecutionStatus", ""), started=iso_time(summary.get("StartTime")))
             for summary in summaries
         ]
 
@@ -297,7 +299,7 @@ class AwsTarget:
             execution_arn=arn,
             pipeline_name=self.config.pipeline_name,
             status=described["PipelineExecutionStatus"],
-            started=_iso(described.get("CreationTime")),
+            started=iso_time(described.get("CreationTime")),
             failure_reason="" if described.get("FailureReason") in (None, "", "None")
             else described["FailureReason"],
             parameters={p["Name"]: p["Value"] for p in parameters.get("PipelineParameters", [])},
@@ -316,7 +318,7 @@ class AwsTarget:
                 for step in page.get("PipelineExecutionSteps", []):
                     steps.append(StepStatus(
                         name=step["StepName"], status=step.get("StepStatus", ""),
-                        started=_iso(step.get("StartTime")), ended=_iso(step.get("EndTime")),
+                        started=iso_time(step.get("StartTime")), ended=iso_time(step.get("EndTime")),
                         failure_reason=step.get("FailureReason", ""),
                         details=self._training_details(sagemaker, step)))
         except ClientError as error:
@@ -372,8 +374,27 @@ class AwsTarget:
 
     # --- registry -----------------------------------------------------------------------------
     def models(self) -> list[ModelPackage]:
+        """Every package, newest first, each with its test metrics and the execution that made it."""
         with aws_errors("models"):
-            return self._packages(self.client("sagemaker"))
+            sagemaker = self.client("sagemaker")
+            return [self._described_package(sagemaker, package.arn) for package in self._packages(sagemaker)]
+
+    def _described_package(self, sagemaker: Any, arn: str) -> ModelPackage:
+        """DescribeModelPackage, with the test metrics read from the evaluation.json it names.
+        SageMaker keeps no history of status changes, so `history` stays empty here."""
+        described = sagemaker.describe_model_package(ModelPackageName=arn)
+        package = model_package(described)
+        return model_package(described, self._evaluation(package.metrics_uri)) if package.metrics_uri else package
+
+    def _evaluation(self, uri: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        try:
+            return json.loads(self.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+        except (ClientError, ValueError) as error:
+            log.warning("model metrics %s not read: %s", uri, error)  # the package is listed all the same
+            return None
 
     def approve(self, version: int | None, reason: str | None) -> ModelPackage:
         return self._set_status(version, APPROVED, reason)
@@ -390,7 +411,7 @@ class AwsTarget:
             if reason:
                 request["ApprovalDescription"] = reason
             sagemaker.update_model_package(**request)
-            described = sagemaker.describe_model_package(ModelPackageName=package.arn)
+            described = self._described_package(sagemaker, package.arn)
         # The same rule as the local target's: the newest Approved package serves, and with none
         # left an endpoint serving a rejected package is deleted (deploy.py).
         endpoint = self.config.endpoint_name
@@ -401,7 +422,7 @@ class AwsTarget:
                    if self.config.approval_rule else
                    "no approval rule installed (approval_rule = false): run the pipeline's Deploy step "
                    "or `kennel run` to update the endpoint")
-        return dataclasses.replace(_package(described), message=message)
+        return dataclasses.replace(described, message=message)
 
     # --- endpoints ------------------------------------------------------------------------------
     def endpoints(self) -> list[Endpoint]:
@@ -443,7 +464,7 @@ class AwsTarget:
         paginator = sagemaker.get_paginator("list_model_packages")
         for page in paginator.paginate(ModelPackageGroupName=self.config.model_package_group,
                                        ModelPackageType="Versioned"):
-            packages.extend(_package(summary) for summary in page.get("ModelPackageSummaryList", []))
+            packages.extend(model_package(summary) for summary in page.get("ModelPackageSummaryList", []))
         return sorted(packages, key=lambda p: p.version, reverse=True)
 
 
@@ -477,17 +498,6 @@ def _choose(packages: list[ModelPackage], version: int | None, group: str) -> Mo
     raise KennelError(f"no version {version} in model package group {group}; versions: {known}")
 
 
-def _package(summary: Mapping[str, Any]) -> ModelPackage:
-    arn = summary["ModelPackageArn"]
-    return ModelPackage(
-        version=int(summary.get("ModelPackageVersion") or arn.rsplit("/", 1)[-1]),
-        approval_status=summary.get("ModelApprovalStatus", ""),
-        arn=arn,
-        created=_iso(summary.get("CreationTime")),
-        approval_description=summary.get("ApprovalDescription", ""),
-    )
-
-
 def _model_package_groups(sagemaker: Any, name: str) -> list[dict[str, Any]]:
     groups = []
     for page in sagemaker.get_paginator("list_model_package_groups").paginate(NameContains=name):
@@ -505,7 +515,3 @@ def _not_found(error: Any) -> bool:
 def _token(name: str, definition: dict[str, Any]) -> str:
     """Idempotency token: a retried create with the same definition creates nothing twice."""
     return hashlib.sha256((name + json.dumps(definition, sort_keys=True)).encode()).hexdigest()[:64]
-
-
-def _iso(value: Any) -> str:
-    return value.isoformat(timespec="seconds") if isinstance(value, datetime) else str(value or "")

@@ -240,10 +240,17 @@ def cmd_models(args: argparse.Namespace, config: KennelConfig) -> int:
     if not packages:
         print(f"no model packages in {config.model_package_group} yet")
         return 0
-    rows = [("VERSION", "STATUS", "CREATED", "ARN")]
-    rows += [(str(p.version), p.approval_status, p.created, p.arn) for p in packages]
+    rows = [("VERSION", "STATUS", "TEST LOSS", "TEST ACCURACY", "CREATED", "EXECUTION", "DESCRIPTION")]
+    rows += [(str(p.version), p.approval_status, _metric(p.metrics.get("test_loss"), "{:.4f}"),
+              _metric(p.metrics.get("test_accuracy"), "{:.1%}"), p.created or "-",
+              p.execution_arn.rsplit("/", 1)[-1] or "-", p.approval_description or "-") for p in packages]
     _print_table(rows)
+    print("(--json adds each package's ARN and metrics file, and on the local target its status history)")
     return 0
+
+
+def _metric(value: float | None, form: str) -> str:
+    return "-" if value is None else form.format(value)
 
 
 def cmd_decide(args: argparse.Namespace, config: KennelConfig) -> int:

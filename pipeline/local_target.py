@@ -37,6 +37,7 @@ from pipeline.targets import (
     UpsertResult,
     dataset_files,
     dataset_name,
+    model_package,
 )
 
 log = logging.getLogger("kennel")
@@ -260,7 +261,7 @@ class LocalTarget:
         if not any(g["ModelPackageGroupName"] == group for g in registry.list_model_package_groups()):
             return []
         packages = registry.list_model_packages(group)
-        return sorted((_package(p) for p in packages), key=lambda p: p.version, reverse=True)
+        return sorted((_package(registry, p) for p in packages), key=lambda p: p.version, reverse=True)
 
     def approve(self, version: int | None, reason: str | None) -> ModelPackage:
         from local import deployment
@@ -281,7 +282,8 @@ class LocalTarget:
     def _decided(self, result: Any) -> ModelPackage:
         from local.registry import LocalRegistry
 
-        package = _package(LocalRegistry(self.home).describe_model_package(result.model_package_arn))
+        registry = LocalRegistry(self.home)
+        package = _package(registry, registry.describe_model_package(result.model_package_arn))
         return dataclasses.replace(package, message=result.message)
 
     def endpoints(self) -> list[Endpoint]:
@@ -309,12 +311,14 @@ class LocalTarget:
         return answer.json()
 
 
-def _package(described: Mapping[str, Any]) -> ModelPackage:
-    return ModelPackage(
-        version=int(described["ModelPackageVersion"]), approval_status=described["ModelApprovalStatus"],
-        arn=described["ModelPackageArn"], created=str(described.get("CreationTime") or ""),
-        approval_description=described.get("ApprovalDescription") or "",
-    )
+def _package(registry: Any, described: Mapping[str, Any]) -> ModelPackage:
+    """The registry's package with its evaluation (kept by the registry) and status history."""
+    history = [
+        {"from_status": change.from_status, "to_status": change.to_status, "reason": change.reason,
+         "time": change.time.isoformat(timespec="seconds")}
+        for change in registry.history(described["ModelPackageArn"])
+    ]
+    return model_package(described, described.get("Evaluation"), history)
 
 
 def _endpoint(endpoint: Any) -> Endpoint:

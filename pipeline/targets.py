@@ -14,6 +14,7 @@ import hashlib
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -71,9 +72,52 @@ class ModelPackage:
     created: str = ""
     approval_description: str = ""
     message: str = ""  # what the decision did, e.g. the endpoint it deployed or rolled back
+    metrics: dict[str, float] = field(default_factory=dict)  # test_loss, test_accuracy (evaluation.json)
+    metrics_uri: str = ""  # the evaluation.json named by the package's ModelMetrics
+    execution_arn: str = ""  # the pipeline execution that registered it (MetadataProperties.GeneratedBy)
+    # Every status change, oldest first: {from_status, to_status, reason, time}. Local target only:
+    # SageMaker's API keeps the current status and LastModifiedTime, not a history.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def model_package(described: Mapping[str, Any], evaluation: Mapping[str, Any] | None = None,
+                  history: list[dict[str, Any]] | None = None) -> ModelPackage:
+    """A ModelPackage from a DescribeModelPackage answer (both targets' registries give one) or a
+    ListModelPackages summary (which has no metrics nor execution), and the evaluation.json its
+    metrics name when that was read."""
+    arn = described["ModelPackageArn"]
+    quality = ((described.get("ModelMetrics") or {}).get("ModelQuality") or {}).get("Statistics") or {}
+    return ModelPackage(
+        version=int(described.get("ModelPackageVersion") or arn.rsplit("/", 1)[-1]),
+        approval_status=described.get("ModelApprovalStatus", ""),
+        arn=arn,
+        created=iso_time(described.get("CreationTime")),
+        approval_description=described.get("ApprovalDescription") or "",
+        metrics=evaluation_metrics(evaluation),
+        metrics_uri=quality.get("S3Uri") or "",
+        execution_arn=(described.get("MetadataProperties") or {}).get("GeneratedBy") or "",
+        history=list(history or []),
+    )
+
+
+def evaluation_metrics(evaluation: Mapping[str, Any] | None) -> dict[str, float]:
+    """test_loss and test_accuracy from an evaluation.json in SageMaker's model-quality layout."""
+    from entrypoints.contract import EVALUATION_METRICS_KEY
+
+    metrics = (evaluation or {}).get(EVALUATION_METRICS_KEY) or {}
+    found = {}
+    for name in ("loss", "accuracy"):
+        value = (metrics.get(name) or {}).get("value")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            found[f"test_{name}"] = float(value)
+    return found
+
+
+def iso_time(value: Any) -> str:
+    return value.isoformat(timespec="seconds") if isinstance(value, datetime) else str(value or "")
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,27 @@ def test_models_lists_every_package_with_its_status_newest_first(upserted):
         (3, "Rejected"), (2, "PendingManualApproval"), (1, "Approved")]
 
 
+def test_models_carry_the_test_metrics_and_the_execution_that_registered_them(upserted):
+    evaluation = {"multiclass_classification_metrics": {"loss": {"value": 0.41}, "accuracy": {"value": 0.88}}}
+    boto3.client("s3", region_name=REGION).put_object(Bucket=BUCKET, Key="kennel/run/evaluation.json",
+                                                       Body=json.dumps(evaluation).encode())
+    execution = f"arn:aws:sagemaker:{REGION}:123456789012:pipeline/kennel/execution/abc123"
+    metrics = {"ModelQuality": {"Statistics": {"ContentType": "application/json",
+                                               "S3Uri": f"s3://{BUCKET}/kennel/run/evaluation.json"}}}
+    sagemaker().create_model_package(ModelPackageGroupName=repo_config().model_package_group,
+                                     InferenceSpecification=SPEC, ModelApprovalStatus="PendingManualApproval",
+                                     ModelMetrics=metrics, MetadataProperties={"GeneratedBy": execution})
+    register("PendingManualApproval")  # no metrics: listed all the same
+    approved = upserted.approve(1, "test loss 0.41")
+    assert approved.metrics == {"test_loss": 0.41, "test_accuracy": 0.88}
+    newest, first = upserted.models()
+    assert (first.version, first.approval_description, first.execution_arn) == (1, "test loss 0.41", execution)
+    assert first.metrics == {"test_loss": 0.41, "test_accuracy": 0.88}
+    assert first.metrics_uri == f"s3://{BUCKET}/kennel/run/evaluation.json"
+    assert first.history == []  # SageMaker keeps no history of status changes
+    assert (newest.version, newest.metrics, newest.metrics_uri) == (2, {}, "")
+
+
 def test_approve_the_latest_and_reject_a_version(upserted):
     register("PendingManualApproval", "PendingManualApproval")
     approved = upserted.approve(None, "test loss 0.41 on the held-out split")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 from kennel_support import repo_config
+from serving_support import EXECUTION_ARN, Tarballs, evaluation, register
 from test_local_support import BUCKET, definition, get, processing_step
 
 from local.files import PARTIAL_MARKER
 from local.runner import RunOptions, run_pipeline
+from pipeline import cli
 from pipeline.errors import KennelError
 from pipeline.local_target import LocalTarget
 from pipeline.targets import dataset_files, dataset_name
@@ -155,3 +159,36 @@ def test_a_run_ends_by_saying_where_the_results_are_and_what_to_do_next(target: 
     failed = target.to_status(run_pipeline(pipeline, {"Threshold": "0.5"}, target.home, options=options))
     assert failed.status == "Failed" and failed.failure_reason == "test loss is above the threshold"
     assert failed.notes == ["skipped (branch not taken): Register", f"evaluation: {evaluation}"]
+
+
+def test_models_show_metrics_the_execution_the_history_and_the_reasons_given(
+    kennel_home: Path, tarballs: Tarballs, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    for name in [name for name in os.environ if name.startswith("KENNEL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("KENNEL_HOME", str(kennel_home))
+    register(kennel_home, tarballs.original, metrics=evaluation(loss=0.4321, accuracy=0.875))
+    register(kennel_home, tarballs.reversed, metrics=evaluation(loss=0.5, accuracy=0.8))
+    assert cli.main(["approve", "--version", "1", "--reason", "reviewed the metrics"]) == 0
+    assert cli.main(["reject", "--version", "2", "--reason", "regression on sneakers"]) == 0
+    capsys.readouterr()
+
+    assert cli.main(["models", "--json"]) == 0
+    listed = {package["version"]: package for package in json.loads(capsys.readouterr().out)}
+    first, second = listed[1], listed[2]
+    assert (first["approval_status"], first["approval_description"]) == ("Approved", "reviewed the metrics")
+    assert first["metrics"] == {"test_loss": 0.4321, "test_accuracy": 0.875}
+    assert first["metrics_uri"].endswith("/evaluation/evaluation.json") and first["execution_arn"] == EXECUTION_ARN
+    assert [(c["from_status"], c["to_status"], c["reason"]) for c in first["history"]] == [
+        (None, "PendingManualApproval", "registered"), ("PendingManualApproval", "Approved", "reviewed the metrics")]
+    assert second["approval_description"] == "regression on sneakers"
+    assert second["history"][-1]["to_status"] == "Rejected" and second["history"][-1]["reason"] == "regression on sneakers"
+
+    assert cli.main(["models"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["VERSION", "STATUS", "TEST", "LOSS", "TEST", "ACCURACY", "CREATED", "EXECUTION",
+                                "DESCRIPTION"]
+    row = next(line for line in table if line.startswith("1 "))
+    execution_id = EXECUTION_ARN.rsplit("/", 1)[-1]
+    for shown in ("Approved", "0.4321", "87.5%", execution_id, "reviewed the metrics"):
+        assert shown in row, row
