@@ -292,9 +292,35 @@ def cmd_endpoint(args: argparse.Namespace, config: KennelConfig) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace, config: KennelConfig) -> int:
+# What the endpoint answers a raw image with (entrypoints/inference.py's DEFAULT_TOP_K); only JSON
+# requests can ask for more.
+RAW_IMAGE_LABELS = 5
+# File signatures of the image types the endpoint names; Pillow on the endpoint identifies any
+# other format sent as application/x-image (GIF, BMP, WebP, TIFF, ...), whatever the file is called.
+_IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
+
+
+def predict_request(data: bytes, top_k: int) -> tuple[bytes, str]:
+    """The body and content type that send one image to the endpoint.
+
+    The image's own bytes, as image/png, image/jpeg or application/x-image: SageMaker's 6 MB limit
+    then holds images up to 6 MB, where base64 in JSON would cap them at 4.5 MB. JSON only when
+    more labels are asked for than a raw image gets, and the JSON still fits under the limit.
+    """
     import base64
 
+    from entrypoints.contract import MAX_PAYLOAD_BYTES
+
+    if top_k > RAW_IMAGE_LABELS:
+        body = json.dumps({"image": base64.b64encode(data).decode("ascii"), "top_k": top_k}).encode()
+        if len(body) <= MAX_PAYLOAD_BYTES:
+            return body, "application/json"
+    media = next((media for signature, media in _IMAGE_SIGNATURES if data.startswith(signature)),
+                 "application/x-image")
+    return data, media
+
+
+def cmd_predict(args: argparse.Namespace, config: KennelConfig) -> int:
     if args.top_k < 1:
         raise KennelError(f"--top-k {args.top_k}: give 1 or more")
     target = _get_target(args, config)
@@ -305,10 +331,12 @@ def cmd_predict(args: argparse.Namespace, config: KennelConfig) -> int:
             data = image.read_bytes()
         except OSError as error:
             raise KennelError(f"{image}: cannot read it ({error.strerror})") from None
-        # JSON carries top_k; the image itself travels base64-encoded, as the endpoint documents.
-        body = json.dumps({"image": base64.b64encode(data).decode("ascii"), "top_k": args.top_k}).encode()
-        answer = target.predict(body, "application/json", endpoint)
-        answers.append({"image": str(image), "predictions": answer.get("predictions", [])})
+        body, content_type = predict_request(data, args.top_k)
+        if content_type != "application/json" and args.top_k > RAW_IMAGE_LABELS:
+            log.warning("%s: too large to ask for %d labels in JSON; the endpoint returns its %d", image,
+                        args.top_k, RAW_IMAGE_LABELS)
+        answer = target.predict(body, content_type, endpoint)
+        answers.append({"image": str(image), "predictions": answer.get("predictions", [])[:args.top_k]})
     if args.json:
         _print_json(answers)
         return 0

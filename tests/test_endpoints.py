@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
+import io
+import json
 import os
 import signal
 import threading
@@ -10,7 +13,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
+from PIL import Image
 from serving_support import (
     ENDPOINT,
     Tarballs,
@@ -22,10 +27,12 @@ from serving_support import (
     top_label,
 )
 
+from entrypoints.contract import MAX_PAYLOAD_BYTES
 from local import endpoints, serving
 from local.endpoints import FAILED, IN_SERVICE, OUT_OF_SERVICE, EndpointError
 from local.files import read_json
 from local.registry import APPROVED
+from pipeline import cli
 
 
 def reversed_label(label: str, class_names: list[str]) -> str:
@@ -227,3 +234,60 @@ def wait_until(condition, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("timed out")
         time.sleep(0.01)
+
+
+# --- kennel predict: raw image bytes, so images up to SageMaker's 6 MB limit get through ----------
+def encoded(image: Image.Image, form: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=form)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("form", "top_k", "content_type"),
+    [
+        ("PNG", 3, "image/png"),
+        ("JPEG", 5, "image/jpeg"),
+        ("GIF", 1, "application/x-image"),  # the endpoint's Pillow identifies it
+        ("PNG", 7, "application/json"),  # more labels than a raw image gets: only JSON can ask
+    ],
+)
+def test_predict_sends_the_image_itself_unless_json_is_needed(form: str, top_k: int, content_type: str) -> None:
+    data = encoded(Image.new("RGB", (40, 30), "red"), form)
+    body, sent_as = cli.predict_request(data, top_k)
+    assert sent_as == content_type
+    if content_type == "application/json":
+        assert json.loads(body) == {"image": base64.b64encode(data).decode(), "top_k": top_k}
+    else:
+        assert body == data
+
+
+def test_raw_images_get_the_default_number_of_labels() -> None:
+    import inference
+
+    assert cli.RAW_IMAGE_LABELS == inference.DEFAULT_TOP_K
+
+
+def test_kennel_predict_classifies_a_5_mb_image_that_json_would_not_carry(
+    kennel_home: Path, tarballs: Tarballs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (1300, 1300, 3), dtype=np.uint8)
+    photo = tmp_path / "big.png"
+    Image.fromarray(noise).save(photo)  # noise does not compress: about 5 MB
+    data = photo.read_bytes()
+    assert 4.5 * 2**20 < len(data) < MAX_PAYLOAD_BYTES < len(base64.b64encode(data))
+    endpoints.start_or_update(kennel_home, ENDPOINT, register(kennel_home, tarballs.original, APPROVED))
+    as_json = json.dumps({"image": base64.b64encode(data).decode()}).encode()
+    assert endpoints.invoke_endpoint(kennel_home, ENDPOINT, as_json, "application/json").status == 413
+
+    for name in [name for name in os.environ if name.startswith("KENNEL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("KENNEL_HOME", str(kennel_home))
+    assert cli.main(["predict", str(photo), "--top-k", "2", "--json"]) == 0
+    (answer,) = json.loads(capsys.readouterr().out)
+    assert answer["image"] == str(photo) and len(answer["predictions"]) == 2
+    assert all(prediction["label"] in tarballs.class_names for prediction in answer["predictions"])
+    # A larger --top-k than a raw image gets cannot fit as JSON: the image is sent raw all the same.
+    assert cli.main(["predict", str(photo), "--top-k", "9", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["predictions"]) == cli.RAW_IMAGE_LABELS
