@@ -161,7 +161,18 @@ def _download_resnet_weights(backbone: nn.Module, arch: str, allow_download: boo
 
 
 def _load_backbone_state(backbone: nn.Module, path: Path, arch: str) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any file torch cannot read back is "not a state_dict"
+        # torch's own message may suggest weights_only=False, which would run the file's code: never.
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsError(
+            f"--weights {path}: not a PyTorch state_dict file ({first_line[:160]}); "
+            "give one saved with torch.save(model.state_dict(), PATH)"
+        ) from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict; "
+                           "give one saved with torch.save(model.state_dict(), PATH)")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # torchvision reference-script checkpoints
     _apply_backbone_state(backbone, state, arch, source=str(path))

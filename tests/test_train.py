@@ -143,6 +143,13 @@ def test_torchrun_two_processes_reduce_metrics_and_write_one_model(train_job) ->
     valid_count = sum(1 for _ in train_job.valid.rglob("*.png"))
     assert abs(last["valid:accuracy"] - accuracy) <= 1 / valid_count + 1e-9
     assert last["valid:loss"] == pytest.approx(loss, rel=1e-3)
+    # Each metric line ends with the epoch's training accuracy (no metric definition reads it), the
+    # one the history records.
+    history = json.loads((train_job.output_data_dir / contract.EPOCH_METRICS_FILE).read_text())
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch=")]
+    printed = [float(line.rsplit(" train_accuracy=", 1)[1]) for line in lines]
+    assert printed == pytest.approx([row["train_accuracy"] for row in history], abs=1e-6)
+    assert all(0.0 <= value <= 1.0 for value in printed)
 
 
 @pytest.mark.slow
@@ -197,6 +204,12 @@ def weights_of_another_arch(job) -> list[str]:
     return ["--arch", "resnet34", "--weights", str(path)]
 
 
+def weights_not_a_checkpoint(job) -> list[str]:
+    path = job.root.parent / "notes.pth"
+    path.write_text("these are not weights")
+    return ["--weights", str(path)]
+
+
 def corrupt_image(job) -> list[str]:
     # Two classes of two images, one truncated; --batch-size 1 so no ragged batch is dropped and the
     # file is always read; --workers 1 so the error crosses a DataLoader worker.
@@ -229,6 +242,7 @@ def corrupt_image(job) -> list[str]:
         (lambda job: ["--arch", "resnet50", "--weights", "auto"], "pass --allow-download True"),
         (lambda job: ["--weights", str(job.root.parent / "nope.pth")], "nope.pth: no such file"),
         (weights_of_another_arch, "resnet18.pth does not fit resnet34: 80 missing keys"),
+        (weights_not_a_checkpoint, "notes.pth: not a PyTorch state_dict file"),
         (no_images, "Found no valid file"),
         (fewer_valid_classes, "have different classes (only in train: ['ankle_boot']"),
         (corrupt_image, "corrupt: image file is truncated; remove it"),
@@ -241,6 +255,7 @@ def corrupt_image(job) -> list[str]:
         "no-offline-weights",
         "weights-missing",
         "weights-wrong-arch",
+        "weights-not-a-checkpoint",
         "no-images",
         "class-sets",
         "corrupt",
