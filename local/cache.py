@@ -7,7 +7,8 @@ InputDataConfig; for Tuning: HyperParameterTuningJobConfig and the training job 
 AlgorithmSpecification, HyperParameterRanges, InputDataConfig, StaticHyperParameters,
 TuningObjective), resolved, with one local refinement: the S3 URI of each code bundle is
 replaced by a hash of its content in the store. The SDK uploads code under time-stamped keys,
-so the same code rebuilt later still hits, and a changed script always misses.
+so the same code rebuilt later still hits, and a changed script always misses. (The build
+machine's staging path that sm_drivers/sourcecode.json records is left out of that hash.)
 
 Entries live in `<home>/cache/<pipeline>/<step>/<key>.json`; a hit is only taken within the
 step's ExpireAfter (ISO 8601 duration; no ExpireAfter means no expiry).
@@ -52,6 +53,7 @@ TUNING_DEFINITION_FIELDS = (
 CODE_INPUT_NAMES = ("code", "entrypoint")
 CODE_CHANNELS = ("code", "sm_drivers")
 CODE_HYPERPARAMETER = "sagemaker_submit_directory"
+SOURCE_CODE_FILE = "sourcecode.json"  # the sm_drivers channel's description of the code channel
 _CODE_LOCAL_PATHS = ("/opt/ml/processing/input/code", "/opt/ml/processing/input/entrypoint")
 _DERIVED_FILES = re.compile(r"(^|/)__pycache__/|\.pyc$")
 
@@ -134,6 +136,17 @@ def _code_digest(uri: Any, store: ObjectStore) -> str:
 
 
 def _file_digest(path: Path) -> bytes:
+    if path.name == SOURCE_CODE_FILE:
+        try:
+            settings = json.loads(path.read_bytes())
+        except ValueError:
+            settings = None
+        if isinstance(settings, dict):
+            # The ModelTrainer writes the folder it staged the code from on the machine that built
+            # the definition (a fresh temporary folder at each upsert); the job reads only the
+            # entry script from this file, so that path is not code and must not change the key.
+            settings.pop("source_dir", None)
+            return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).digest()
     if path.name.endswith((".tar.gz", ".tgz", ".tar")):
         try:
             digest = hashlib.sha256()

@@ -208,6 +208,26 @@ def test_cache_key_tracks_code_content_not_its_location(store: ObjectStore) -> N
     assert cache_key("Other", step, _processing("s3://b/upload-1/source/"), store) != base
 
 
+def test_training_code_keys_ignore_where_the_sdk_staged_it(store: ObjectStore) -> None:
+    """sm_drivers/sourcecode.json names the build machine's temporary staging folder (new at each
+    upsert); the job reads only the entry script from it."""
+    step = {"Name": "Train", "Type": "Training"}
+
+    def upload(name: str, staged_at: str, entry: str = "train.py") -> dict:
+        store.put_bytes(f"s3://b/{name}/code/train.py", b"print('training')")
+        settings = {"source_dir": staged_at, "requirements": None, "entry_script": entry, "command": None}
+        store.put_bytes(f"s3://b/{name}/sm_drivers/sourcecode.json", json.dumps(settings).encode())
+        channels = [
+            {"ChannelName": channel, "DataSource": {"S3DataSource": {"S3Uri": f"s3://b/{name}/{channel}"}}}
+            for channel in ("code", "sm_drivers")
+        ]
+        return {"AlgorithmSpecification": {"TrainingImage": "img"}, "InputDataConfig": channels}
+
+    base = cache_key("P", step, upload("monday", "/tmp/kennel-code-abc/code"), store)
+    assert cache_key("P", step, upload("tuesday", "/tmp/kennel-code-xyz/code"), store) == base
+    assert cache_key("P", step, upload("wednesday", "/tmp/kennel-code-xyz/code", entry="other.py"), store) != base
+
+
 def _tar(files: dict[str, bytes], mtime: float) -> bytes:
     buffer = io.BytesIO()
     with (
