@@ -157,6 +157,11 @@ def test_approving_serves_the_model_and_boto3_gets_the_same_answer(home: Path, f
     assert "is now Approved" in approved.stdout and "serves version 1" in approved.stdout
     (endpoint,) = json.loads(kennel(home, "endpoints", "--json").stdout)
     assert endpoint["status"] == "InService" and endpoint["model_package_version"] == 1
+    (model,) = json.loads(kennel(home, "models", "--json").stdout)
+    assert model["approval_description"] == "reviewed the metrics" and model["execution_arn"].endswith(first_execution)
+    assert set(model["metrics"]) == {"test_loss", "test_accuracy"} and model["metrics"]["test_loss"] <= THRESHOLD
+    assert [(c["to_status"], c["reason"]) for c in model["history"]] == [
+        ("PendingManualApproval", "registered"), ("Approved", "reviewed the metrics")]
 
     image = sorted((SAMPLE / "test" / "sneaker").iterdir())[0]
     predictions = predict(home, image)
@@ -238,15 +243,24 @@ def prepared(home: Path, execution: str) -> tuple[str, list[str]]:
     return data, manifest["classes"]
 
 
+MY_CLASSES = ["bag", "sandal", "trouser"]
+TINY = ["MaxJobs=1", "MaxParallelJobs=1", "Epochs=1", "ImageSize=32", "TestLossThreshold=100"]
+
+
+def my_photos(root: Path) -> Path:
+    """A small ImageFolder tree, one folder per class (prepare splits it)."""
+    for label in MY_CLASSES:
+        (root / label).mkdir(parents=True)
+        for image in sorted((SAMPLE / "train" / label).iterdir())[:12]:
+            (root / label / image.name).write_bytes(image.read_bytes())
+    return root
+
+
 def test_a_run_on_your_own_folder_then_a_plain_run_on_the_sample(tmp_path: Path) -> None:
     home = tmp_path / ".kennel"
-    tree = tmp_path / "my-photos"  # one folder per class: prepare splits it
-    mine = ["bag", "sandal", "trouser"]
-    for label in mine:
-        (tree / label).mkdir(parents=True)
-        for image in sorted((SAMPLE / "train" / label).iterdir())[:12]:
-            (tree / label / image.name).write_bytes(image.read_bytes())
-    tiny = params("MaxJobs=1", "MaxParallelJobs=1", "Epochs=1", "ImageSize=32", "TestLossThreshold=100")
+    tree = my_photos(tmp_path / "my-photos")
+    mine = MY_CLASSES
+    tiny = params(*TINY)
 
     own = kennel(home, "run", "--wait", "--data", str(tree), *tiny, "--json")
     assert own.returncode == 0, own.stderr[-3000:]
@@ -259,3 +273,67 @@ def test_a_run_on_your_own_folder_then_a_plain_run_on_the_sample(tmp_path: Path)
     assert plain.returncode == 0, plain.stderr[-3000:]
     data, classes = prepared(home, json.loads(plain.stdout)["execution_id"])
     assert data == "s3://kennel-local/kennel/data/sample" and classes == CLASSES
+
+
+def cache_keys(target, definition: dict, execution, steps: tuple[str, ...]) -> dict[str, str]:
+    """The runner's cache keys for `steps` of `definition`, resolved against what `execution`'s
+    steps produced (so upstream results are the same whatever the definition)."""
+    from local.cache import cache_key
+    from local.expressions import Scope, resolve
+    from local.graph import build_graph
+
+    nodes = build_graph(definition)
+    scope = Scope(parameters=execution.parameters, execution=execution.variables(),
+                  steps={name: record.properties for name, record in execution.steps.items()
+                         if record.status == "Succeeded"},
+                  read_json=lambda uri: json.loads(target.store.read_bytes(uri)))
+    return {name: cache_key(execution.pipeline_name, nodes[name].step, resolve(nodes[name].step["Arguments"], scope),
+                            target.store) for name in steps}
+
+
+def test_an_unchanged_upsert_hits_the_cache_and_a_changed_script_misses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training and tuning steps key on their code's content (the code and sm_drivers channels,
+    the tuner's sagemaker_submit_directory), not on the time-stamped keys each upsert uploads to."""
+    import shutil
+
+    from kennel_support import repo_config
+
+    from local.cache import StepCache
+    from local.state import load_execution
+    from pipeline.definition import offline_environment
+    from pipeline.local_target import LocalTarget
+
+    for name in [name for name in os.environ if name.startswith("KENNEL_")]:
+        monkeypatch.delenv(name)
+    with offline_environment(repo_config().for_target("local")):  # the SDK wants a region to import
+        from steps import common
+    code = tmp_path / "entrypoints"  # what gets upserted: a copy, so the test may change it
+    shutil.copytree(REPO_ROOT / "entrypoints", code, ignore=shutil.ignore_patterns("__pycache__"))
+    stage = common.stage_source_dir
+    monkeypatch.setattr(common, "stage_source_dir", lambda destination: stage(destination, source=code))
+    target = LocalTarget(repo_config().for_target("local"), home=tmp_path / ".kennel")
+    parameters = {**dict(pair.split("=") for pair in TINY), "InputDataUri": target.stage_data(str(my_photos(tmp_path / "my-photos")))}
+
+    def run_after_upsert() -> str:
+        target.upsert()
+        execution = target.start(parameters, wait=True)
+        assert execution.status == "Succeeded", execution.failure_reason
+        return execution.execution_id
+
+    run_after_upsert()
+    second = load_execution(target.home, run_after_upsert())
+    jobs = ("PrepareData", "Tune", "TrainWithDebugger", "Evaluate")
+    assert all(second.steps[name].cache_hit for name in jobs), {n: second.steps[n].cache_hit for n in jobs}
+    trained = ("Tune", "TrainWithDebugger")
+    hits = cache_keys(target, target.definition(), second, trained)
+    cache = StepCache(target.home)
+    assert all(cache.lookup(second.pipeline_name, name, key, None) for name, key in hits.items())
+
+    with (code / "train.py").open("a") as script:
+        script.write("# a comment changes no behaviour, but it is other code\n")
+    target.upsert()
+    changed = cache_keys(target, target.definition(), second, trained)
+    for name in trained:  # the same upstream results: only the code differs
+        assert changed[name] != hits[name] and cache.lookup(second.pipeline_name, name, changed[name], None) is None
