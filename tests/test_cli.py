@@ -193,8 +193,9 @@ def test_the_aws_workflow_end_to_end_against_moto(aws_env, tmp_path):
     assert [(m["version"], m["approval_status"]) for m in json.loads(models.stdout)] == [
         (2, "Approved"), (1, "Rejected")]
     table = kennel("models", env=env).stdout.splitlines()
-    assert table[0].split() == ["VERSION", "STATUS", "CREATED", "ARN"]
-    assert table[1].split()[:2] == ["2", "Approved"]
+    assert table[0].split() == ["VERSION", "STATUS", "TEST", "LOSS", "TEST", "ACCURACY", "CREATED", "EXECUTION",
+                                "DESCRIPTION"]
+    assert table[1].split()[:2] == ["2", "Approved"] and table[1].endswith("good enough")
 
 
 def test_every_pipeline_parameter_is_documented():
