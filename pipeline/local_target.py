@@ -112,10 +112,6 @@ class LocalTarget:
             log.info("staged %s as %s", folder, uri)
         return uri
 
-    @property
-    def sample_data_uri(self) -> str:
-        return f"{self.config.data_uri}/{SAMPLE_FOLDER}"
-
     def _default_data(self) -> str:
         """InputDataUri when the run names none: the configured input_data_uri as is, otherwise the
         bundled sample, staged the first time."""
@@ -125,7 +121,7 @@ class LocalTarget:
                 raise KennelError(f"input_data_uri {uri}: nothing stored there in {self.home}; run with "
                                   "--data FOLDER, or unset input_data_uri to run on the bundled sample")
             return uri
-        uri = self.sample_data_uri
+        uri = f"{self.config.data_uri}/{SAMPLE_FOLDER}"
         if self._put_once(SAMPLE_DATA, dataset_files(SAMPLE_DATA), uri):
             log.info("staged the bundled sample (%s) as %s", SAMPLE_DATA, uri)
         return uri

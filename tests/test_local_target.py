@@ -79,6 +79,15 @@ def test_the_sample_is_staged_once_when_the_default_data_is_missing(target: Loca
     assert not marker.exists()
 
 
+def test_a_configured_input_data_uri_is_used_as_is(tmp_path: Path) -> None:
+    config = repo_config(input_data_uri="s3://kennel-local/my/images").for_target("local")
+    target = LocalTarget(config, home=tmp_path / ".kennel")
+    with pytest.raises(KennelError, match="input_data_uri s3://kennel-local/my/images: nothing stored there"):
+        target._default_data()  # the user named their data: never filled with the sample
+    target.store.put_tree(small_tree(tmp_path / "mine"), "s3://kennel-local/my/images")
+    assert target._default_data() == "s3://kennel-local/my/images"
+
+
 def test_state_of_the_older_layout_does_not_reach_prepare(target: LocalTarget, tmp_path: Path) -> None:
     # Older versions put the sample straight under <data_uri>/ and uploads beside it, <data_uri>/<hash>/.
     old = target.config.data_uri
