@@ -17,7 +17,10 @@ Details, Datapoints, RuleParameters). This module does the same on this machine:
     runs on AWS need framework metrics, deprecated for PyTorch >= 2, and are listed as such);
   * the report: self-contained HTML (plots inline as base64 PNG, no external resources);
   * `profiler_monitor`, the training-job monitor that ties them to a job and puts the output in
-    the store where SageMaker puts it. Profiler rules are evaluated when the job ends.
+    the store where SageMaker puts it. As SageMaker's rule containers do, each profiler rule is
+    evaluated every scan_interval_us while the job runs (InProgress, its rule JSON files
+    rewritten; `<job>/profiler_rule_statuses.json` holds the live statuses for `kennel status`)
+    and once more on all the samples when the job ends (final status, the HTML report).
 """
 
 from __future__ import annotations
@@ -46,7 +49,12 @@ from local.state import ACCOUNT, REGION, now
 from local.store import StoreError
 
 DEFAULT_INTERVAL_MS = 500
-NO_ISSUES, ISSUES_FOUND, ERROR = "NoIssuesFound", "IssuesFound", "Error"
+# How often a profiler rule container scans the samples: its scan_interval_us, 60 s by default
+# (smdebug_rulesconfig.profiler_rules.rules).
+DEFAULT_SCAN_SECONDS = 60.0
+MIN_SCAN_SECONDS = 0.5
+IN_PROGRESS, NO_ISSUES, ISSUES_FOUND, ERROR = "InProgress", "NoIssuesFound", "IssuesFound", "Error"
+LIVE_STATUS_FILE = "profiler_rule_statuses.json"  # in the job folder; read by local.progress
 REPORT_RULE = "ProfilerReport"
 SYSTEM_FOLDER = "profiler-output/system/incremental"
 REPORT_FILE = "profiler-report.html"
@@ -136,7 +144,7 @@ def parse_nvidia_smi_line(line: str) -> tuple[int, float, float] | None:
 
 
 class GpuReader:
-    """Latest GPU readings from one long-running `nvidia-smi -lms` child (no torch in the runner)."""
+    """Latest GPU readings from one long-running `nvidia-smi --loop-ms` child (no torch in the runner)."""
 
     def __init__(self, interval_seconds: float) -> None:
         self.latest: dict[int, tuple[float, float]] = {}
@@ -150,7 +158,7 @@ class GpuReader:
             executable,
             "--query-gpu=index,utilization.gpu,memory.used,memory.total",
             "--format=csv,noheader,nounits",
-            f"-lms={max(int(interval_seconds * 1000), 100)}",
+            f"--loop-ms={max(int(interval_seconds * 1000), 100)}",
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         threading.Thread(target=self._read, daemon=True).start()
@@ -676,16 +684,38 @@ def usage_table(reports: list[RuleReport]) -> list[str]:
 
 
 def write_report(
-    folder: Path, job_name: str, metrics: SystemMetrics, reports: list[RuleReport], interval_seconds: float
+    folder: Path,
+    job_name: str,
+    metrics: SystemMetrics,
+    reports: list[RuleReport],
+    interval_seconds: float,
+    html: bool = True,
 ) -> Path:
-    """`folder`/profiler-output/profiler-report.html and .../profiler-reports/<Rule>.json."""
+    """`folder`/profiler-output/profiler-reports/<Rule>.json, and (`html`) .../profiler-report.html."""
     output = folder / "profiler-output"
     for report in reports:
         write_json_atomic(output / RULE_REPORTS_FOLDER / f"{report.rule}.json", report.to_json())
-    write_bytes_atomic(
-        output / REPORT_FILE, render_report(job_name, metrics, reports, interval_seconds).encode()
-    )
+    if html:
+        write_bytes_atomic(
+            output / REPORT_FILE, render_report(job_name, metrics, reports, interval_seconds).encode()
+        )
     return output / REPORT_FILE
+
+
+def scan_seconds(configuration: Mapping[str, Any]) -> float:
+    """How often to evaluate a configured rule while the job runs: its scan_interval_us; for
+    ProfilerReport, the shortest of its rules' `<Rule>_scan_interval_us`; else AWS's 60 s."""
+    parameters = configuration.get("RuleParameters") or {}
+    given = [
+        value
+        for key, value in parameters.items()
+        if key.lower() == "scan_interval_us" or key.lower().endswith("_scan_interval_us")
+    ]
+    try:
+        seconds = [float(value) / 1e6 for value in given]
+    except (TypeError, ValueError):
+        return DEFAULT_SCAN_SECONDS  # the final evaluation reports nothing about it: scanning is ours
+    return max(min(seconds), MIN_SCAN_SECONDS) if seconds else DEFAULT_SCAN_SECONDS
 
 
 # --- the training-job monitor ------------------------------------------------------------------
@@ -699,7 +729,7 @@ def profiler_monitor(
     if settings is None:
         return None
     monitor = ProfilerMonitor(settings, job_name, context)
-    monitor.sampler.start()
+    monitor.start()
     return monitor
 
 
@@ -709,22 +739,59 @@ class ProfilerMonitor:
         self.job_name = job_name
         self.context = context
         self.root = context.job_dir / "profiler"  # mirrors <S3OutputPath>/<job>/
+        self.live_file = context.job_dir / LIVE_STATUS_FILE
         self.sampler = SystemSampler(self.root, settings.interval_seconds, gpu_count())
+        self.statuses: dict[str, dict[str, Any]] = {
+            self.name_of(configuration): self.status(self.name_of(configuration), IN_PROGRESS, "")
+            for configuration in settings.rules
+        }
+        self.done = threading.Event()
+        self.scanner = threading.Thread(target=self._scan_loop, daemon=True)
+
+    @staticmethod
+    def name_of(configuration: Mapping[str, Any]) -> str:
+        return str(configuration.get("RuleConfigurationName"))
+
+    def start(self) -> None:
+        self.sampler.start()
+        if self.settings.rules:
+            self.write_live(finished=False)
+            self.scanner.start()
 
     def stop_reason(self) -> str | None:
         return None  # profiler rules report; they never stop a job
 
+    def _scan_loop(self) -> None:
+        """Evaluate each rule every scan_seconds on the samples so far, as its rule container would."""
+        due = {self.name_of(item): time.monotonic() + scan_seconds(item) for item in self.settings.rules}
+        while not self.done.wait(max(min(due.values()) - time.monotonic(), 0.0)):
+            metrics = read_system_metrics(self.root)
+            for configuration in self.settings.rules:
+                name = self.name_of(configuration)
+                if due[name] > time.monotonic() or self.statuses[name]["RuleEvaluationStatus"] == ERROR:
+                    continue
+                self.statuses[name] = self.evaluate(configuration, metrics, final=False)[0]
+                due[name] = time.monotonic() + scan_seconds(configuration)
+            self.write_live(finished=False)
+
+    def write_live(self, finished: bool) -> None:
+        write_json_atomic(self.live_file, {"Finished": finished, "Statuses": list(self.statuses.values())})
+
     def finish(self, properties: dict[str, Any], metadata: dict[str, Any]) -> None:
+        self.done.set()
+        if self.scanner.is_alive():
+            self.scanner.join(timeout=60)
         self.sampler.stop()
         metrics = read_system_metrics(self.root)
-        statuses, report = [], None
+        report = None
         for configuration in self.settings.rules:
-            status, written = self.evaluate(configuration, metrics)
-            statuses.append(status)
+            status, written = self.evaluate(configuration, metrics, final=True)
+            self.statuses[self.name_of(configuration)] = status
             report = report or written
         properties["ProfilingStatus"] = "Enabled"
-        if statuses:
-            properties["ProfilerRuleEvaluationStatuses"] = statuses
+        if self.statuses:
+            properties["ProfilerRuleEvaluationStatuses"] = list(self.statuses.values())
+            self.write_live(finished=True)
         base = f"{self.settings.s3_output_path}/{self.job_name}"
         uploaded = self.upload(base)
         metadata["Profiler"] = {
@@ -734,14 +801,16 @@ class ProfilerMonitor:
             "ReportUri": f"{base}/{report.relative_to(self.root).as_posix()}"
             if report and uploaded
             else None,
+            "RuleStatuses": str(self.live_file) if self.statuses else None,
             "GpuNote": self.sampler.gpu.problem if self.sampler.gpu else "",
         }
 
     def evaluate(
-        self, configuration: Mapping[str, Any], metrics: SystemMetrics
+        self, configuration: Mapping[str, Any], metrics: SystemMetrics, final: bool
     ) -> tuple[dict[str, Any], Path | None]:
-        """One ProfilerRuleEvaluationStatuses entry; ProfilerReport also writes the report."""
-        name = str(configuration.get("RuleConfigurationName"))
+        """One ProfilerRuleEvaluationStatuses entry: InProgress until `final`, then the result.
+        The rule's JSON files are rewritten each time; ProfilerReport's HTML is written when final."""
+        name = self.name_of(configuration)
         parameters = dict(configuration.get("RuleParameters") or {})
         rule = str(parameters.get("rule_to_invoke") or name)
         folder = self.root / "rule-output" / name
@@ -749,9 +818,10 @@ class ProfilerMonitor:
         try:
             if rule == REPORT_RULE:
                 reports = evaluate_report_rules(metrics, parameters)
-                written = write_report(
-                    folder, self.job_name, metrics, reports, self.settings.interval_seconds
+                path = write_report(
+                    folder, self.job_name, metrics, reports, self.settings.interval_seconds, html=final
                 )
+                written = path if final else None
             elif rule in EVALUATORS:
                 reports = [EVALUATORS[rule](metrics, rule_parameters(rule, parameters))]
                 for report in reports:
@@ -766,6 +836,9 @@ class ProfilerMonitor:
         except ProfilerError as error:
             return self.status(name, ERROR, f"ClientError: {error}"), None
         triggered = [report.rule for report in reports if report.triggered]
+        if not final:
+            so_far = f"triggered so far: {', '.join(triggered)}" if triggered else "nothing triggered so far"
+            return self.status(name, IN_PROGRESS, f"{len(metrics.rows)} samples evaluated; {so_far}"), None
         details = (f"triggered: {', '.join(triggered)}" if triggered else "no rule triggered") + (
             f"; report: {written}" if written else ""
         )

@@ -271,17 +271,31 @@ def make_progress(stream: TextIO | None = None, *, show_logs: bool = True, quiet
 # --- status text ------------------------------------------------------------------------------
 
 
+# Rewritten in a training job's folder while it runs by the Debugger rule evaluator
+# (local.debugger_monitor) and the profiler (local.profiler): {"Finished": ..., "Statuses": [...]}.
+LIVE_RULE_STATUSES = {
+    "DebugRuleEvaluationStatuses": Path("debugger") / "rule_statuses.json",
+    "ProfilerRuleEvaluationStatuses": Path("profiler_rule_statuses.json"),
+}
+
+
+def rule_statuses(record: StepRecord, key: str) -> list[dict[str, Any]] | None:
+    """The step's settled rule statuses (`key` of its properties), or while the job runs (and for a
+    job that died before settling them) the live ones from its folder."""
+    statuses = record.properties.get(key)
+    live = Path(record.job_dir or "") / LIVE_RULE_STATUSES[key]
+    if statuses is None and record.job_dir and live.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            statuses = json.loads(live.read_text()).get("Statuses")
+    return statuses
+
+
 def step_details(record: StepRecord) -> list[str]:
     """What a step produced beyond its status: Debugger and profiler rule statuses (live from the
     job folder while a training job runs), the profiler report, plots and the condition's decision."""
     lines = []
-    rules = record.properties.get("DebugRuleEvaluationStatuses")
-    live = Path(record.job_dir or "") / "debugger" / "rule_statuses.json"
-    if rules is None and record.job_dir and live.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            rules = json.loads(live.read_text()).get("Statuses")
-    for kind, statuses in (("Debugger rule", rules),
-                           ("profiler rule", record.properties.get("ProfilerRuleEvaluationStatuses"))):
+    for kind, statuses in (("Debugger rule", rule_statuses(record, "DebugRuleEvaluationStatuses")),
+                           ("profiler rule", rule_statuses(record, "ProfilerRuleEvaluationStatuses"))):
         for status in statuses or []:
             detail = str(status.get("StatusDetails") or "").splitlines()[0:1]
             lines.append(f"{kind} {status.get('RuleConfigurationName')}: {status.get('RuleEvaluationStatus')}"

@@ -28,6 +28,7 @@ from local.profiler import (
     overall_system_usage,
     parse_nvidia_smi_line,
     read_system_metrics,
+    scan_seconds,
     write_report,
 )
 
@@ -111,6 +112,61 @@ def test_sampler_writes_the_files_smdebug_reads(tmp_path: Path) -> None:
 )
 def test_nvidia_smi_lines(line: str, expected) -> None:
     assert parse_nvidia_smi_line(line) == expected
+
+
+FAKE_NVIDIA_SMI = """#!{python}
+import pathlib, re, sys, time
+# Records how it was called; answers like nvidia-smi --query-gpu=... --format=csv,noheader,nounits.
+pathlib.Path({argv_file!r}).write_text("\\n".join(sys.argv[1:]))
+[loop] = [argument for argument in sys.argv[1:] if argument.startswith("--loop-ms=")]
+while True:
+    print("0, 87, 20480, 81920", flush=True)
+    print("1, [N/A], 1024, 81920", flush=True)  # a GPU that does not report utilization
+    time.sleep(int(loop.split("=")[1]) / 1000)
+"""
+
+
+def test_gpu_metrics_come_from_nvidia_smi_looping_at_the_sampling_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    bin_dir, argv_file = tmp_path / "bin", tmp_path / "argv.txt"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text(FAKE_NVIDIA_SMI.format(python=sys.executable, argv_file=str(argv_file)))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    sampler = SystemSampler(tmp_path / "out", 0.2, gpus=1)
+    sampler.start()
+    time.sleep(1.5)
+    sampler.stop()
+    # The documented long form of -lms (nvidia-smi --help: "-lms, --loop-ms=").
+    assert argv_file.read_text().splitlines() == [
+        "--query-gpu=index,utilization.gpu,memory.used,memory.total",
+        "--format=csv,noheader,nounits",
+        "--loop-ms=200",
+    ]
+    assert sampler.gpu is not None and sampler.gpu.process is not None
+    assert sampler.gpu.process.poll() is not None  # stopped with the sampler
+    metrics = read_system_metrics(tmp_path / "out")
+    assert metrics.gpus() == ["gpu0"]
+    assert set(metrics.series("gpu0:GPUUtilization")) == {87.0}
+    assert set(metrics.series("gpu0:GPUMemoryUtilization")) == {25.0}
+
+
+@pytest.mark.parametrize(
+    ("parameters", "seconds"),
+    [
+        ({}, 60.0),  # AWS's default scan_interval_us
+        ({"scan_interval_us": "2000000"}, 2.0),
+        ({"CPUBottleneck_scan_interval_us": "5000000", "IOBottleneck_scan_interval_us": "3000000"}, 3.0),
+        ({"scan_interval_us": "1"}, 0.5),  # not a busy loop
+        ({"scan_interval_us": "soon"}, 60.0),
+    ],
+)
+def test_profiler_rules_are_scanned_at_their_scan_interval(parameters: dict, seconds: float) -> None:
+    assert scan_seconds({"RuleConfigurationName": "R", "RuleParameters": parameters}) == seconds
 
 
 def test_profiler_settings_follow_the_request() -> None:
