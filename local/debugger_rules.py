@@ -261,8 +261,13 @@ class LossNotDecreasing(LossTensorsMixin, BuiltInRule):
         "tensor_regex": (names, []),
         "use_losses_collection": (boolean, True),
         "num_steps": (int, 10),
-        "diff_percent": (float, 0.0),
+        # A percentage. AWS's current page says 0.1; the old smdebug rule documentation said 0.0.
+        "diff_percent": (float, 0.1),
         "increase_threshold_percent": (float, 5.0),
+        # None: the ordered lookup AWS's parameter text describes ("if not passed, checks EVAL,
+        # then TRAIN, then GLOBAL"). The same page's "Default value: GLOBAL" cannot be meant
+        # literally: GLOBAL steps mix training and validation batches, so with it the rule would
+        # compare a validation loss with a training loss.
         "mode": (mode_name, None),
     }
 
@@ -435,7 +440,7 @@ class Overtraining(LossTensorsMixin, BuiltInRule):
     PARAMETERS: ClassVar[dict[str, tuple[Parser, Any]]] = {
         "patience_train": (int, 5),
         "patience_validation": (int, 10),
-        "delta": (float, 0.1),
+        "delta": (float, 0.01),
     }
 
     def __init__(self, base_trial: Any, parameters: Mapping[str, Any] | None = None) -> None:

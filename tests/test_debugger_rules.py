@@ -420,10 +420,50 @@ def test_a_job_that_wrote_no_tensors_is_an_error_not_a_pass(tmp_path: Path) -> N
     )
 
 
+# AWS's "List of Debugger built-in rules" (its current page), parameter by parameter.
+AWS_DEFAULTS = {
+    "LossNotDecreasing": {
+        "use_losses_collection": True,
+        "num_steps": 10,
+        "diff_percent": 0.1,
+        "increase_threshold_percent": 5.0,
+        "mode": None,  # "if not passed, checks EVAL, then TRAIN, then GLOBAL"
+    },
+    "Overtraining": {"patience_train": 5, "patience_validation": 10, "delta": 0.01},
+    "Overfit": {"start_step": 0, "patience": 1, "ratio_threshold": 0.1},
+    "PoorWeightInitialization": {
+        "activation_inputs_regex": [".*relu_input"],
+        "threshold": 10.0,
+        "distribution_range": 0.001,
+        "patience": 5,
+        "steps": 10,
+    },
+    "VanishingGradient": {"threshold": 1e-7},
+    "ExplodingTensor": {"only_nan": False},
+}
+
+
+@pytest.mark.parametrize("rule", sorted(AWS_DEFAULTS))
+def test_rule_defaults_are_the_documented_ones(rule: str) -> None:
+    values = parse_parameters(rule, RULES[rule].PARAMETERS, {})
+    assert {name: values[name] for name in AWS_DEFAULTS[rule]} == AWS_DEFAULTS[rule]
+
+
+def test_loss_not_decreasing_without_mode_reads_eval_then_train(tmp_path: Path) -> None:
+    """The ordered lookup: with validation losses saved it compares those (here flat: it fires),
+    not the training losses (here falling)."""
+    falling_train = ("TRAIN", losses(3.0, 2.0, 1.0))
+    flat_eval = ("EVAL", losses(2.0, 2.0, 2.0))
+    status = evaluate(tmp_path / "both", "LossNotDecreasing", {"num_steps": "1"}, [falling_train, flat_eval], LOSS)
+    assert status["RuleEvaluationStatus"] == ISSUES_FOUND and "EVAL step" in status["StatusDetails"]
+    only_train = evaluate(tmp_path / "train", "LossNotDecreasing", {"num_steps": "1"}, [falling_train], LOSS)
+    assert only_train["RuleEvaluationStatus"] == NO_ISSUES, only_train["StatusDetails"]
+
+
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
-        ({}, {"num_steps": 10, "diff_percent": 0.0, "use_losses_collection": True, "mode": None}),
+        ({}, {"num_steps": 10, "diff_percent": 0.1, "use_losses_collection": True, "mode": None}),
         (
             {"num_steps": "3", "use_losses_collection": "False", "rule_to_invoke": "x"},
             {"num_steps": 3, "use_losses_collection": False},
