@@ -31,6 +31,11 @@ SAGEMAKER_ROOT = "/opt/ml"
 # Where smdebug writes when the config has no LocalPath (smdebug's own default).
 DEFAULT_TENSORS_DIR = "/opt/ml/output/tensors"
 TRAIN, EVAL = "train", "eval"
+# Each epoch's accuracy on the training pass and on the validation set, recorded (as <name>_output_0)
+# next to the epoch's mean losses in contract.EPOCH_MEANS_COLLECTION, for the plots. The pipeline's
+# hook config (steps/train.py) and the plots (local/plots.py) name them too: they belong in
+# contract.py with the loss tensors' names.
+EPOCH_ACCURACY_TENSORS = {TRAIN: "training_set_accuracy", EVAL: "validation_set_accuracy"}
 
 
 class DebuggerUnavailable(RuntimeError):
@@ -142,8 +147,8 @@ def save_epoch_ends(hook: Any | None, steps_per_epoch: int, epochs: int) -> None
 
 
 def record_epoch_mean(hook: Any | None, name: str, value: float) -> None:
-    """Save an epoch's mean loss (contract.EPOCH_TRAINING_TENSOR or EPOCH_VALIDATION_TENSOR) at the
-    current step, the last of the phase; no-op without a hook."""
+    """Save an epoch's mean loss (contract.EPOCH_TRAINING_TENSOR or EPOCH_VALIDATION_TENSOR) or
+    accuracy (EPOCH_ACCURACY_TENSORS) at the current step, the last of the phase; no-op without a hook."""
     if hook is None:
         return
     hook.record_tensor_value(name, torch.tensor(value))

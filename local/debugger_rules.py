@@ -24,7 +24,8 @@ This module imports smdebug, and smdebug imports torch, which the runner keeps o
 process: the runner starts `python -m local.debugger_rules SPEC.json` next to the training job
 (local.debugger_monitor does). The child follows the trial as the hook writes it, invokes every
 rule on every new step, and rewrites the status file after each pass; it ends when the job has
-ended and every step is evaluated, and then writes the loss series the plots are drawn from.
+ended and every step is evaluated, and then writes the series the plots are drawn from (the
+losses, and each epoch's mean losses and accuracies).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from smdebug.exceptions import (
 from smdebug.rules.rule import Rule
 from smdebug.trials import create_trial
 
+from entrypoints.contract import EPOCH_MEANS_COLLECTION
 from local.files import write_json_atomic
 
 IN_PROGRESS, NO_ISSUES, ISSUES_FOUND, ERROR = "InProgress", "NoIssuesFound", "IssuesFound", "Error"
@@ -493,7 +495,8 @@ class PoorWeightInitialization(LossTensorsMixin, BuiltInRule):
     matching activation_inputs_regex) differ across layers by more than `threshold` times; or the
     narrowest gradient distribution (5th to 95th percentile of a gradient with more than one
     value) is narrower than distribution_range; or the training loss makes no new low for
-    `patience` saved steps. Without matching activation inputs that check is skipped (said so)."""
+    `patience` saved steps. Each check runs at the steps where its tensors were saved; one whose
+    tensors were never saved is skipped, and the summary says so."""
 
     COLLECTIONS = ("gradients", "losses")  # and one that saves the activation inputs (by regex)
     PARAMETERS: ClassVar[dict[str, tuple[Parser, Any]]] = {
@@ -507,7 +510,8 @@ class PoorWeightInitialization(LossTensorsMixin, BuiltInRule):
     def __init__(self, base_trial: Any, parameters: Mapping[str, Any] | None = None) -> None:
         super().__init__(base_trial, parameters)
         self.losses: list[float] = []
-        self.activation_checks = 0
+        # Steps at which each check had tensors to look at (the loss: had `patience` losses before).
+        self.activation_checks = self.gradient_checks = self.loss_checks = 0
 
     def invoke_at_step(self, step: int) -> bool:
         mode, mode_step = self.base_trial.mode_modestep(step)
@@ -522,7 +526,7 @@ class PoorWeightInitialization(LossTensorsMixin, BuiltInRule):
         for name in regex_tensors(self.base_trial, self.options["activation_inputs_regex"]):
             value = value_at(self.base_trial, name, step)
             if value is not None and value.size > 1:
-                variances[name] = float(np.var(value))
+                variances[name] = float(np.var(value, dtype=np.float64))
         if len(variances) < 2:
             return None
         self.activation_checks += 1
@@ -545,6 +549,7 @@ class PoorWeightInitialization(LossTensorsMixin, BuiltInRule):
                 spreads[name] = float(high - low)
         if not spreads:
             return None
+        self.gradient_checks += 1
         narrowest = min(spreads, key=spreads.get)
         if spreads[narrowest] < self.options["distribution_range"]:
             return (
@@ -562,6 +567,7 @@ class PoorWeightInitialization(LossTensorsMixin, BuiltInRule):
         patience = self.options["patience"]
         if len(self.losses) <= patience:
             return None
+        self.loss_checks += 1
         before, recent = self.losses[:-patience], self.losses[-patience:]
         if min(recent) >= min(before):
             return (
@@ -571,10 +577,21 @@ class PoorWeightInitialization(LossTensorsMixin, BuiltInRule):
         return None
 
     def summary(self) -> str:
-        text = super().summary()
+        text = (
+            f"{self.checks} checks of the first {self.options['steps']} TRAIN steps: "
+            f"activation-input variances at {self.activation_checks}, "
+            f"gradient distributions at {self.gradient_checks}, "
+            f"the loss against {self.options['patience']} steps before at {self.loss_checks}"
+            ", none met the condition"
+        )
         if not self.activation_checks:
-            pattern = self.options["activation_inputs_regex"]
-            text += f"; no tensors match {pattern}: the activation check was skipped"
+            pattern = ",".join(self.options["activation_inputs_regex"])
+            text += f"; fewer than two tensors match {pattern}: the activation check was skipped"
+        if not self.loss_checks:
+            text += (
+                f"; no more than patience ({self.options['patience']}) losses were saved in those "
+                "steps: the loss check was skipped"
+            )
         return text
 
 
@@ -732,10 +749,11 @@ def no_tensors_message(trial_dir: Path) -> str:
     )
 
 
-def loss_series(trial: Any) -> dict[str, dict[str, list[list[float]]]]:
-    """Every scalar loss per mode as [mode step, global step, value] rows (what the plots draw)."""
+def scalar_series(trial: Any, collection: str) -> dict[str, dict[str, list[list[float]]]]:
+    """Every scalar tensor of `collection` per mode as [mode step, global step, value] rows (what
+    the plots draw: the losses, and the epoch means of contract.EPOCH_MEANS_COLLECTION)."""
     series: dict[str, dict[str, list[list[float]]]] = {}
-    for name in sorted(collection_tensors(trial, "losses")):
+    for name in sorted(collection_tensors(trial, collection)):
         tensor = trial.tensor(name)
         for mode in (TRAIN, EVAL, GLOBAL):
             rows = []
@@ -761,6 +779,7 @@ class Spec:
     losses_file: Path
     ended_file: Path  # appears when the training job has ended
     poll_seconds: float = DEFAULT_POLL_SECONDS
+    epoch_means_file: Path | None = None  # the series of contract.EPOCH_MEANS_COLLECTION
 
     @classmethod
     def read(cls, path: Path) -> Spec:
@@ -772,6 +791,7 @@ class Spec:
             Path(data["losses_file"]),
             Path(data["ended_file"]),
             float(data.get("poll_seconds", DEFAULT_POLL_SECONDS)),
+            Path(data["epoch_means_file"]) if data.get("epoch_means_file") else None,
         )
 
 
@@ -793,7 +813,9 @@ def follow(spec: Spec) -> TrialFollower:
         time.sleep(spec.poll_seconds)
     follower.finish()
     if follower.trial is not None:
-        write_json_atomic(spec.losses_file, loss_series(follower.trial))
+        write_json_atomic(spec.losses_file, scalar_series(follower.trial, "losses"))
+        if spec.epoch_means_file is not None:
+            write_json_atomic(spec.epoch_means_file, scalar_series(follower.trial, EPOCH_MEANS_COLLECTION))
     write_json_atomic(spec.status_file, {"Finished": True, "Statuses": follower.statuses()})
     return follower
 

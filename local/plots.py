@@ -1,9 +1,11 @@
 """Plots of a local run that a person would rather look at than read: training curves, confusion matrix.
 
-  * Training steps: the loss per step from the tensors the Debugger hook saved (the series that
-    local.debugger_rules extracts into `<job>/debugger/losses.json`), and loss and accuracy per
-    epoch from train.py's per-epoch history (`contract.EPOCH_METRICS_FILE` in the job's output
-    data folder) or, failing that, from the job's MetricDefinitions. `training_curves.png`.
+  * Training steps: the loss per step and the training and validation loss and accuracy per
+    epoch, from the tensors the Debugger hook saved (the series that local.debugger_rules
+    extracts into `<job>/debugger/losses.json` and `epoch_means.json`). Without them (a job with
+    no hook), the epochs come from train.py's per-epoch history (`contract.EPOCH_METRICS_FILE` in
+    the job's output data folder) or, failing that, from the job's MetricDefinitions.
+    `training_curves.png`.
   * Processing steps that write `evaluation.json` (the Evaluate step): its confusion matrix as
     `confusion_matrix.png`.
 
@@ -21,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from entrypoints.contract import EPOCH_METRICS_FILE, EVALUATION_FILE, EVALUATION_METRICS_KEY
+from entrypoints.contract import (
+    EPOCH_METRICS_FILE,
+    EPOCH_TRAINING_TENSOR,
+    EPOCH_VALIDATION_TENSOR,
+    EVALUATION_FILE,
+    EVALUATION_METRICS_KEY,
+)
 from local.files import read_json, write_bytes_atomic, write_json_atomic
 from local.handlers import StepContext, StepFailure, StepHandler, StepResult
 from local.jobs.container import container_root, log_note, remap
@@ -33,6 +41,20 @@ PLOTS_FOLDER = "plots"
 TRAINING_CURVES = "training_curves"
 CONFUSION_MATRIX = "confusion_matrix"
 LOSSES_FILE = Path("debugger") / "losses.json"  # written by local.debugger_rules
+EPOCH_MEANS_FILE = Path("debugger") / "epoch_means.json"  # written by local.debugger_rules
+# The tensor and mode of each per-epoch number the hook saves. The accuracies' names are
+# entrypoints/debugger.py's EPOCH_ACCURACY_TENSORS (contract.py is where they belong).
+EPOCH_TENSORS = {
+    "train_loss": (f"{EPOCH_TRAINING_TENSOR}_output_0", "TRAIN"),
+    "valid_loss": (f"{EPOCH_VALIDATION_TENSOR}_output_0", "EVAL"),
+    "train_accuracy": ("training_set_accuracy_output_0", "TRAIN"),
+    "valid_accuracy": ("validation_set_accuracy_output_0", "EVAL"),
+}
+EPOCH_KEYS = ("epoch", *EPOCH_TENSORS)
+EPOCH_PANELS = (
+    (("train_loss", "valid_loss"), "Loss by epoch"),
+    (("train_accuracy", "valid_accuracy"), "Accuracy by epoch"),
+)
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,28 @@ def epoch_history(job_dir: Path) -> list[dict[str, float]]:
                 row[key] = points[index]["Value"]
         rows.append(row)
     return rows
+
+
+def tensor_epochs(job_dir: Path, history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Per-epoch losses and accuracies from the saved tensors: the k-th value saved of each is the
+    k-th epoch this job trained. A resumed job trained only the last epochs of its `history`."""
+    path = job_dir / EPOCH_MEANS_FILE
+    if not path.is_file():
+        return []
+    series = read_json(path)
+    columns = {
+        key: [row[2] for row in (series.get(tensor) or {}).get(mode) or []]
+        for key, (tensor, mode) in EPOCH_TENSORS.items()
+    }
+    count = max(len(values) for values in columns.values())
+    first = int(history[-count]["epoch"]) if count and len(history) >= count else 1
+    return [
+        {
+            "epoch": first + index,
+            **{key: values[index] for key, values in columns.items() if index < len(values)},
+        }
+        for index in range(count)
+    ]
 
 
 def step_losses(job_dir: Path) -> dict[str, list[list[float]]]:
@@ -129,30 +173,25 @@ def save_png(figure: Any, path: Path) -> None:
 
 
 def draw_training_curves(
-    losses: dict[str, list[list[float]]], epochs: list[dict[str, float]], path: Path
+    losses: dict[str, list[list[float]]], epochs: list[dict[str, float]], path: Path, source: str = "tensors"
 ) -> dict:
-    """Loss per step (from the tensors), then loss and validation accuracy per epoch, where known.
+    """Loss per step (from the tensors), then loss and accuracy per epoch, where known.
 
-    Returns the numbers drawn."""
-    by_epoch = {
-        key: [row.get(key) for row in epochs]
-        for key in ("epoch", "train_loss", "valid_loss", "valid_accuracy")
-    }
+    Returns the numbers drawn, and where the epochs' numbers came from (`source`)."""
+    by_epoch: dict[str, Any] = {key: [row.get(key) for row in epochs] for key in EPOCH_KEYS}
     panels: list[Callable[[Any], None]] = []
     if losses.get("train") or losses.get("validation"):
         panels.append(lambda axes: step_panel(axes, losses))
-    if epochs:
-        panels.append(lambda axes: epoch_panel(axes, by_epoch, ("train_loss", "valid_loss"), "Loss by epoch"))
-        panels.append(
-            lambda axes: epoch_panel(axes, by_epoch, ("valid_accuracy",), "Validation accuracy by epoch")
-        )
+    for keys, title in EPOCH_PANELS:
+        if any(value is not None for key in keys for value in by_epoch[key]):
+            panels.append(lambda axes, keys=keys, title=title: epoch_panel(axes, by_epoch, keys, title))
     figure = new_figure(5.0 * len(panels), 3.6)
     for index, draw in enumerate(panels, start=1):
         axes = figure.add_subplot(1, len(panels), index)
         draw(axes)
         axes.grid(alpha=0.3)
     save_png(figure, path)
-    return {"loss_by_step": losses, "by_epoch": by_epoch}
+    return {"loss_by_step": losses, "by_epoch": {**by_epoch, "source": source}}
 
 
 def step_panel(axes: Any, losses: dict[str, list[list[float]]]) -> None:
@@ -163,7 +202,12 @@ def step_panel(axes: Any, losses: dict[str, list[list[float]]]) -> None:
     axes.legend()
 
 
-EPOCH_LABELS = {"train_loss": "training", "valid_loss": "validation", "valid_accuracy": "validation"}
+EPOCH_LABELS = {
+    "train_loss": "training",
+    "valid_loss": "validation",
+    "train_accuracy": "training",
+    "valid_accuracy": "validation",
+}
 
 
 def epoch_panel(axes: Any, by_epoch: dict[str, list], keys: tuple[str, ...], title: str) -> None:
@@ -177,12 +221,11 @@ def epoch_panel(axes: Any, by_epoch: dict[str, list], keys: tuple[str, ...], tit
         ]
         if points:
             axes.plot(*zip(*points, strict=True), "o-", label=EPOCH_LABELS[key])
-    accuracy = keys == ("valid_accuracy",)
+    accuracy = all(key.endswith("_accuracy") for key in keys)
     axes.set(title=title, xlabel="epoch", ylabel="accuracy" if accuracy else "loss")
     if accuracy:
         axes.set_ylim(0, 1)
-    else:
-        axes.legend()
+    axes.legend()
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -214,12 +257,15 @@ def draw_confusion_matrix(data: dict[str, Any], path: Path) -> None:
 
 def plot_training(job_dir: Path) -> list[Plot]:
     """training_curves.png (+ .json) in `<job>/plots/` from what the job left; [] with nothing to draw."""
-    losses, epochs = step_losses(job_dir), epoch_history(job_dir)
+    history = epoch_history(job_dir)
+    losses, epochs = step_losses(job_dir), tensor_epochs(job_dir, history)
+    source = "tensors" if epochs else "metrics"
+    epochs = epochs or history
     if not losses.get("train") and not losses.get("validation") and not epochs:
         return []
     folder = job_dir / PLOTS_FOLDER
     png, data = folder / f"{TRAINING_CURVES}.png", folder / f"{TRAINING_CURVES}.json"
-    write_json_atomic(data, draw_training_curves(losses, epochs, png))
+    write_json_atomic(data, draw_training_curves(losses, epochs, png, source))
     return [Plot(TRAINING_CURVES, png, data)]
 
 

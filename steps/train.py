@@ -37,47 +37,74 @@ class DebugRule:
     collections: tuple[str, ...]  # tensor collections the rule reads
 
 
+# smdebug names a module's inputs "<module path>_input_<n>" (n counts the calls in a step: a module
+# used twice gets _input_0 and _input_1). The activations of the ResNets are modules named `relu`,
+# those of efficientnet_lite (ReLU6) modules named `_swish`; AWS's default, ".*relu_input", sees
+# only the former.
+ACTIVATION_INPUTS_REGEX = ".*relu_input,.*_swish_input"
+# PoorWeightInitialization looks at the first `steps` training steps only.
+INITIAL_STEPS = 10
+# The epoch means (contract.EPOCH_MEANS_COLLECTION) hold losses and accuracies: the loss rules name
+# the loss tensors, so that an accuracy never counts as a loss.
+EPOCH_LOSS_TENSORS = f"{contract.EPOCH_TRAINING_TENSOR}_output_0,{contract.EPOCH_VALIDATION_TENSOR}_output_0"
+# Written by entrypoints/debugger.py (record_epoch_accuracy); contract.py is where they belong.
+EPOCH_ACCURACY_TENSORS = ("training_set_accuracy", "validation_set_accuracy")
+
 DEBUG_RULES = (
     # The loss rules compare epochs: train.py records each epoch's mean training and validation loss
     # (contract.EPOCH_MEANS_COLLECTION). Single batches differ with the classes they hold by far
     # more than these thresholds: on them the rules fired on healthy runs.
     DebugRule(rule_configs.loss_not_decreasing,
-              {"collection_names": contract.EPOCH_MEANS_COLLECTION, "use_losses_collection": "False",
+              {"tensor_regex": EPOCH_LOSS_TENSORS, "use_losses_collection": "False",
                "mode": "EVAL", "num_steps": "1", "diff_percent": "0.1", "increase_threshold_percent": "5"},
               (contract.EPOCH_MEANS_COLLECTION,)),
     DebugRule(rule_configs.vanishing_gradient, {"threshold": "0.0000001"}, ("gradients",)),
     DebugRule(rule_configs.overfit,
-              {"tensor_regex": f"{contract.EPOCH_TRAINING_TENSOR}_output_0,{contract.EPOCH_VALIDATION_TENSOR}_output_0",
-               "start_step": "0", "patience": "1", "ratio_threshold": "0.1"},
+              {"tensor_regex": EPOCH_LOSS_TENSORS, "start_step": "0", "patience": "1", "ratio_threshold": "0.1"},
               (contract.EPOCH_MEANS_COLLECTION,)),
     DebugRule(rule_configs.overtraining,
               {"patience_train": "5", "patience_validation": "10", "delta": "0.01"}, ("losses",)),
+    # threshold is AWS's 10 times 10. The backbones Kennel fine-tunes are pretrained, and a pretrained
+    # network's activation inputs differ across layers more than a fresh initialization's: measured
+    # on efficientnet_lite0's ImageNet weights, 12x (224 px) to 39x (32 px); a fresh initialization
+    # whose batch norm normalizes, 1.6x (lite0) to 4.7x (resnet18); one that lets the signal vanish
+    # (untrained weights with frozen batch-norm statistics), 1e17x. At 10 the rule would call every
+    # pretrained starting point a poor initialization.
     DebugRule(rule_configs.poor_weight_initialization,
-              {"activation_inputs_regex": ".*relu_input", "threshold": "10.0", "distribution_range": "0.001",
-               "patience": "5", "steps": "10"}, ("weights", "gradients", "losses", "relu_input")),
+              {"activation_inputs_regex": ACTIVATION_INPUTS_REGEX, "threshold": "100", "distribution_range": "0.001",
+               "patience": "5", "steps": str(INITIAL_STEPS)}, ("weights", "gradients", "losses", "relu_input")),
     # Cheap (a NaN/inf scan of tensors already saved). ClassImbalance is left out: it needs label and
     # prediction tensors that train.py does not save.
     DebugRule(rule_configs.exploding_tensor, {"collection_names": "gradients,weights", "only_nan": "False"},
               ("gradients", "weights")),
 )
 PROFILER_RULES = (rule_configs.ProfilerReport, rule_configs.LowGPUUtilization)
-# Collection parameters beyond the hook's save interval. Weights and biases are most of the saved
-# volume and change slowly: every 100th step (step 0 included) serves PoorWeightInitialization and
-# ExplodingTensor. relu_input is not a default collection, and PoorWeightInitialization reads only
-# the first `steps` (10) steps of it, so nothing later is saved (activations are large).
+FIRST_STEPS = ",".join(str(step) for step in range(INITIAL_STEPS))
+# Collection parameters beyond the hook's save interval (per mode where a rule reads one mode only).
 COLLECTION_PARAMETERS = {
-    # Every validation step: Overtraining compares whole validation passes. (Every training step
-    # would make smdebug visit the whole model at each step: more than the hook's budget.)
-    "losses": {"eval.save_interval": "1"},
+    # Every validation step: Overtraining compares whole validation passes. Every one of the first
+    # training steps, which PoorWeightInitialization examines (it needs more than `patience` losses
+    # and the gradients of each); later, the hook's interval. (Every training step would make
+    # smdebug visit the whole model at each step: more than the hook's budget.)
+    "losses": {"eval.save_interval": "1", "train.save_steps": FIRST_STEPS},
+    "gradients": {"train.save_steps": FIRST_STEPS},
     # Recorded by train.py at the last step of each phase; train.py narrows the training-mode saves
     # to the epochs' last steps, which it alone knows.
     contract.EPOCH_MEANS_COLLECTION: {
-        "include_regex": f"{contract.EPOCH_TRAINING_TENSOR}_output_.*,{contract.EPOCH_VALIDATION_TENSOR}_output_.*",
+        "include_regex": ",".join(
+            f"{name}_output_.*"
+            for name in (contract.EPOCH_TRAINING_TENSOR, contract.EPOCH_VALIDATION_TENSOR, *EPOCH_ACCURACY_TENSORS)
+        ),
         "save_interval": "1",
     },
+    # Weights and biases are most of the saved volume and change slowly: every 100th step (step 0
+    # included) serves PoorWeightInitialization and ExplodingTensor.
     "weights": {"save_interval": "100"},
     "biases": {"save_interval": "100"},
-    "relu_input": {"include_regex": ".*relu_input", "end_step": "10"},
+    # Activation inputs are large (145 MB a step for efficientnet_lite0 at 96 px and batch 32): the
+    # first training step only, where an initialization shows (AWS's own default saves them every
+    # 500th step, so also only once in the first `steps`). end_step 0 stops the interval in every mode.
+    "relu_input": {"include_regex": ACTIVATION_INPUTS_REGEX, "train.save_steps": "0", "end_step": "0"},
 }
 PROFILING_INTERVAL_MS = 500
 

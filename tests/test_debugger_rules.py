@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,12 @@ import numpy as np
 import pytest
 from debugger_support import (
     FAST,
+    RUN_HYPERPARAMETERS,
     SAMPLE_DIR,
+    SPLITS,
     STEP,
     DebugRun,
+    copy_sample,
     debug_training_step,
     pipeline_of,
     run_debug_pipeline,
@@ -27,6 +32,9 @@ from debugger_support import (
     write_trial,
 )
 
+import debugger
+import nets
+from entrypoints import contract
 from local.debugger_rules import (
     EVAL,
     ISSUES_FOUND,
@@ -40,7 +48,11 @@ from local.debugger_rules import (
     follow,
     parse_parameters,
 )
+from local.progress import step_details
 from local.runner import run_pipeline
+from local.state import Execution, list_executions, load_execution
+
+SPLITS_TRAIN_VALID = {name: SPLITS[name] for name in ("train", "valid")}
 
 # smdebug's generated protobuf modules warn on import under protobuf 3.20; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated create function:DeprecationWarning")
@@ -49,26 +61,95 @@ pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated create functi
 # --- the definition asks for what its rules read -------------------------------------------------
 
 
-def test_the_definition_saves_every_collection_its_rules_read(offline_builds) -> None:
-    [step] = [
-        item for item in offline_builds["local"].definition["Steps"] if item["Name"] == "TrainWithDebugger"
-    ]
-    hook = step["Arguments"]["DebugHookConfig"]
-    saved = {
+def definition_step(offline_builds) -> dict[str, Any]:
+    [step] = [item for item in offline_builds["local"].definition["Steps"] if item["Name"] == STEP]
+    return step
+
+
+def saved_collections(step: dict[str, Any]) -> dict[str, dict[str, str]]:
+    return {
         item["CollectionName"]: item.get("CollectionParameters") or {}
-        for item in hook["CollectionConfigurations"]
+        for item in step["Arguments"]["DebugHookConfig"]["CollectionConfigurations"]
     }
+
+
+def split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def test_the_definition_saves_every_collection_its_rules_read(offline_builds) -> None:
+    step = definition_step(offline_builds)
+    saved = saved_collections(step)
     configured = step["Arguments"]["DebugRuleConfigurations"]
     assert {rule["RuleParameters"]["rule_to_invoke"] for rule in configured} <= set(RULES)
     for rule in configured:
         parameters = rule["RuleParameters"]
         needed = set(RULES[parameters["rule_to_invoke"]].COLLECTIONS)
-        needed |= {name.strip() for name in parameters.get("collection_names", "").split(",") if name.strip()}
+        needed |= set(split(parameters.get("collection_names", "")))
         assert needed <= set(saved), f"{rule['RuleConfigurationName']} reads {needed - set(saved)}, not saved"
+        # Tensors a rule names by regex must be saved by some collection that includes them.
+        for name in split(parameters.get("tensor_regex", "")):  # the loss rules name whole tensors
+            assert any(
+                re.search(include, name)
+                for item in saved.values()
+                for include in split(item.get("include_regex", ""))
+            ), f"{rule['RuleConfigurationName']} reads {name}: no collection saves it"
         if "activation_inputs_regex" in parameters:  # some collection must save the activation inputs
             assert any(
                 item.get("include_regex") == parameters["activation_inputs_regex"] for item in saved.values()
             )
+    # And the epoch means collection saves the accuracies train.py records, which the plots draw.
+    epoch_means = split(saved[contract.EPOCH_MEANS_COLLECTION]["include_regex"])
+    for name in debugger.EPOCH_ACCURACY_TENSORS.values():
+        assert any(re.search(include, f"{name}_output_0") for include in epoch_means), name
+
+
+@pytest.mark.parametrize("arch", nets.ARCHS)
+def test_the_activation_inputs_regex_catches_every_activation_of_every_arch(offline_builds, arch: str) -> None:
+    """smdebug names a module's inputs "<module path>_input_<n>"; the regex must match those of every
+    activation module of every architecture train.py offers (efficientnet_lite names its ReLU6 `_swish`)."""
+    import torch
+
+    step = definition_step(offline_builds)
+    [rule] = [
+        item
+        for item in step["Arguments"]["DebugRuleConfigurations"]
+        if item["RuleParameters"]["rule_to_invoke"] == "PoorWeightInitialization"
+    ]
+    patterns = split(rule["RuleParameters"]["activation_inputs_regex"])
+    model, _ = nets.build_model(arch, 4, weights="none")
+    activations = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ReLU | torch.nn.ReLU6 | torch.nn.SiLU | torch.nn.Hardswish)
+    ]
+    assert activations
+    for name in activations:
+        assert any(re.match(pattern, f"{name}_input_0") for pattern in patterns), name
+    # Nothing else: a convolution's or batch norm's input is not an activation input.
+    others = [name for name, module in model.named_modules() if name and name not in activations]
+    assert not [name for name in others if any(re.match(pattern, f"{name}_input_0") for pattern in patterns)]
+
+
+@pytest.mark.slow
+def test_the_hook_saves_what_poor_weight_initialization_examines(healthy_debug_run: DebugRun) -> None:
+    """Gradients and losses at every one of its first `steps` training steps, the activation inputs
+    at the first (they are large); later training steps only at the hook's interval."""
+    from smdebug import modes
+    from smdebug.trials import create_trial
+
+    run = healthy_debug_run
+    trial = create_trial(str(run.job_dir / "opt_ml" / "output" / "tensors"))
+    train_steps = trial.steps(mode=modes.TRAIN)
+    assert len(train_steps) == 6  # 2 steps per epoch, 3 epochs: all within the first 10
+    for collection in ("gradients", "losses"):
+        for name in trial.tensor_names(collection=collection):
+            assert trial.tensor(name).steps(mode=modes.TRAIN) == train_steps, name
+    activations = trial.tensor_names(regex=[".*_swish_input_.*"])
+    assert len(activations) == 33  # efficientnet_lite0: 17 ReLU6 modules, 16 of them called twice
+    for name in activations:
+        assert trial.tensor(name).steps(mode=modes.TRAIN) == [0]
+        assert trial.tensor(name).steps(mode=modes.EVAL) == []
 
 
 # --- real training runs ---------------------------------------------------------------------------
@@ -78,6 +159,29 @@ def status_of(run: DebugRun, rule: str) -> dict[str, Any]:
     return statuses(run.train)[rule]
 
 
+# What each rule's StatusDetails says when it looked at something and found nothing to report.
+EXAMINED = {
+    "LossNotDecreasing": [r"^[1-9]\d* checks"],
+    "VanishingGradient": [r"^[1-9]\d* checks"],
+    "Overfit": [r"^[1-9]\d* checks"],
+    "Overtraining": [r"^[1-9]\d* checks"],
+    "PoorWeightInitialization": [
+        r"activation-input variances at [1-9]",
+        r"gradient distributions at [1-9]",
+        r"the loss against 5 steps before at [1-9]",
+    ],
+    "ExplodingTensor": [r"^[1-9]\d* checks"],
+}
+
+
+def assert_quiet_because_it_looked(found: dict[str, dict[str, Any]]) -> None:
+    assert set(found) == set(EXAMINED)
+    for name, status in found.items():
+        assert status["RuleEvaluationStatus"] == NO_ISSUES, (name, status["StatusDetails"])
+        for pattern in EXAMINED[name]:
+            assert re.search(pattern, status["StatusDetails"]), (name, status["StatusDetails"])
+
+
 @pytest.mark.slow
 def test_every_rule_is_quiet_on_the_healthy_sample_run(healthy_debug_run: DebugRun) -> None:
     run = healthy_debug_run
@@ -85,12 +189,10 @@ def test_every_rule_is_quiet_on_the_healthy_sample_run(healthy_debug_run: DebugR
     found = statuses(run.train)
     configured = [rule["RuleConfigurationName"] for rule in run.train.properties["DebugRuleConfigurations"]]
     assert list(found) == configured and len(configured) >= 5
-    for name, status in found.items():
-        assert status["RuleEvaluationStatus"] == NO_ISSUES, (name, status["StatusDetails"])
+    for status in found.values():
         assert status["RuleEvaluationJobArn"].startswith("arn:aws:sagemaker:")
-    # Quiet because it looked, not because it saw nothing: the loss rules compared epochs.
-    assert re.match(r"[1-9]\d* checks", found["LossNotDecreasing"]["StatusDetails"])
-    assert re.match(r"[1-9]\d* checks", found["Overfit"]["StatusDetails"])
+    # Quiet because it looked, not because it saw nothing.
+    assert_quiet_because_it_looked(found)
 
 
 @pytest.mark.slow
@@ -109,11 +211,7 @@ def test_every_rule_is_quiet_on_the_default_local_training_of_the_whole_sample(o
     train = execution.steps[STEP]
     assert execution.status == "Succeeded", execution.failure_reason
     assert train.properties["HyperParameters"]["freeze"] == "last-block"
-    found = statuses(train)
-    assert len(found) >= 5
-    for name, status in found.items():
-        assert status["RuleEvaluationStatus"] == NO_ISSUES, (name, status["StatusDetails"])
-    assert re.match(r"[1-9]\d* checks", found["LossNotDecreasing"]["StatusDetails"])
+    assert_quiet_because_it_looked(statuses(train))
 
 
 @pytest.mark.slow
@@ -164,6 +262,123 @@ def test_overfit_and_overtraining_fire_when_validation_diverges_from_training(
     overtraining = status_of(run, "Overtraining")
     assert overtraining["RuleEvaluationStatus"] == ISSUES_FOUND, overtraining["StatusDetails"]
     assert status_of(run, "VanishingGradient")["RuleEvaluationStatus"] == NO_ISSUES
+
+
+@pytest.mark.slow
+def test_rule_statuses_show_in_progress_while_the_job_runs_then_settle(offline_builds, tmp_path: Path) -> None:
+    """What `kennel status` shows (local.progress.step_details over the stored step record) while
+    TrainWithDebugger runs: the Debugger rules and the profiler rules InProgress, the profiler
+    rules already evaluated on the samples so far; once the job has ended, their final statuses."""
+    home = tmp_path / "home"
+    data = copy_sample(tmp_path / "data", 4, SPLITS_TRAIN_VALID)
+    step = debug_training_step(
+        offline_builds["local"], home, data, hyperparameters={**RUN_HYPERPARAMETERS, "epochs": "6"}
+    )
+    # A profiler rule container scans every scan_interval_us (AWS's default: 60 s); every second here.
+    for rule in step["Arguments"]["ProfilerRuleConfigurations"]:
+        key = "scan_interval_us" if rule["RuleConfigurationName"] != "ProfilerReport" else "CPUBottleneck_scan_interval_us"
+        rule["RuleParameters"][key] = "1000000"
+    finished: list[Execution] = []
+    runner = threading.Thread(
+        target=lambda: finished.append(run_pipeline(pipeline_of(step), {}, home, options=FAST))
+    )
+    runner.start()
+    while_running: list[tuple[list[str], bool]] = []  # (status lines, a profiler rule JSON existed)
+    while runner.is_alive():
+        for execution in list_executions(home):
+            record = execution.steps.get(STEP)
+            if record is not None and record.status == "Executing":
+                reports = Path(record.job_dir or "") / "profiler" / "rule-output" / "ProfilerReport"
+                while_running.append((step_details(record), any(reports.rglob("CPUBottleneck.json"))))
+        time.sleep(0.5)
+    runner.join()
+    [execution] = finished
+    assert execution.status == "Succeeded", execution.failure_reason
+
+    configured = [rule["RuleConfigurationName"] for rule in step["Arguments"]["DebugRuleConfigurations"]]
+    in_progress = [
+        lines
+        for lines, _ in while_running
+        if all(f"Debugger rule {name}: InProgress" in lines for name in configured)
+    ]
+    assert in_progress, while_running[-1:]
+    evaluated = [
+        (lines, written)
+        for lines, written in while_running
+        if any(re.match(r"profiler rule ProfilerReport: InProgress - [1-9]\d* samples evaluated", line) for line in lines)
+    ]
+    assert evaluated and all(written for _, written in evaluated), while_running[-1:]
+
+    settled = step_details(load_execution(home, execution.execution_id).steps[STEP])
+    for name in configured:
+        assert any(re.match(rf"Debugger rule {name}: (NoIssuesFound|IssuesFound) - ", line) for line in settled)
+    assert any(line.startswith(f"profiler rule ProfilerReport: {NO_ISSUES} - no rule triggered") for line in settled)
+    assert not any("InProgress" in line for line in settled), settled
+
+
+def trial_of(run: DebugRun) -> Any:
+    from smdebug.trials import create_trial
+
+    return create_trial(str(run.job_dir / "opt_ml" / "output" / "tensors"))
+
+
+@pytest.mark.slow
+def test_vanishing_gradient_and_poor_weight_initialization_fire_on_an_untrained_frozen_backbone(
+    offline_builds, tmp_path: Path
+) -> None:
+    # No pretrained weights and a frozen backbone: its batch norm keeps its untrained statistics
+    # (mean 0, variance 1), so nothing rescales the signal and it vanishes layer by layer; the head
+    # then trains on features near zero, and its weight gradient vanishes with them.
+    run = run_debug_pipeline(
+        offline_builds["local"],
+        tmp_path,
+        hyperparameters={"weights": "none", "freeze": "head"},
+        keep_rules=("VanishingGradient", "PoorWeightInitialization", "ExplodingTensor"),
+    )
+    assert run.execution.status == "Succeeded", run.execution.failure_reason
+    trial = trial_of(run)
+
+    vanishing = status_of(run, "VanishingGradient")
+    assert vanishing["RuleEvaluationStatus"] == ISSUES_FOUND, vanishing["StatusDetails"]
+    found = re.search(r"(gradient/\S+): mean \|gradient\| (\S+) < threshold 1e-07", vanishing["StatusDetails"])
+    assert found and found.group(1).endswith("head.1.weight")
+    step = int(re.search(r"at step (\d+)", vanishing["StatusDetails"]).group(1))
+    magnitude = float(np.mean(np.abs(trial.tensor(found.group(1)).value(step))))
+    assert magnitude == pytest.approx(float(found.group(2)), rel=1e-2) and magnitude < 1e-7
+
+    poor = status_of(run, "PoorWeightInitialization")
+    assert poor["RuleEvaluationStatus"] == ISSUES_FOUND, poor["StatusDetails"]
+    assert "step 0: activation-input variance" in poor["StatusDetails"]
+    # The ratio it reports is the one the saved activation inputs of step 0 give.
+    variances = [
+        float(np.var(trial.tensor(name).value(0), dtype=np.float64))
+        for name in trial.tensor_names(regex=[".*relu_input", ".*_swish_input"])
+    ]
+    ratio = float(re.search(r"ratio (\S+) > threshold 100", poor["StatusDetails"]).group(1))
+    assert ratio == pytest.approx(max(variances) / min(variances), rel=1e-2) and ratio > 1e6
+
+    # A vanishing signal is not an exploding one.
+    assert status_of(run, "ExplodingTensor")["RuleEvaluationStatus"] == NO_ISSUES
+
+
+@pytest.mark.slow
+def test_exploding_tensor_fires_when_the_learning_rate_diverges(offline_builds, tmp_path: Path) -> None:
+    # SGD at a learning rate ten orders of magnitude too large, every layer training: the weights
+    # overflow within a few steps and the gradients turn to inf and NaN.
+    run = run_debug_pipeline(
+        offline_builds["local"],
+        tmp_path,
+        hyperparameters={"optimizer": "sgd", "lr": "1e10", "freeze": "none"},
+        keep_rules=("ExplodingTensor",),
+    )
+    status = status_of(run, "ExplodingTensor")
+    assert status["RuleEvaluationStatus"] == ISSUES_FOUND, status["StatusDetails"]
+    found = re.search(r"at step (\d+) .*: (gradient/\S+) has (\d+) non-finite", status["StatusDetails"])
+    assert found, status["StatusDetails"]
+    value = trial_of(run).tensor(found.group(2)).value(int(found.group(1)))
+    assert int((~np.isfinite(value)).sum()) == int(found.group(3)) > 0
+    printed = [line for line in Path(run.train.log_path).read_text().splitlines() if line.startswith("epoch=")]
+    assert any("nan" in line for line in printed)  # the run's own losses went the same way
 
 
 # --- synthetic trials --------------------------------------------------------------------------------

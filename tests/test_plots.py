@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from debugger_support import DebugRun
 from PIL import Image
 
+import debugger
 from entrypoints import contract
 from local.files import write_json_atomic
-from local.plots import confusion_data, describe_plots, epoch_history, plot_training, step_losses
+from local.plots import (
+    confusion_data,
+    describe_plots,
+    epoch_history,
+    plot_training,
+    step_losses,
+    tensor_epochs,
+)
 from local.state import load_execution
 
 pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated create function:DeprecationWarning")
@@ -40,19 +49,27 @@ def test_training_curves_plot_the_runs_metrics_and_saved_losses(healthy_debug_ru
     assert plot["Uri"].endswith(f"/{stored.properties['TrainingJobName']}/output/plots/training_curves.png")
     drawn = json.loads(Path(plot["Data"]).read_text())
 
-    # Per epoch: the values train.py printed, line by line, in the job's log.
+    # Per epoch, drawn from the saved tensors: the values train.py printed, line by line, in the
+    # job's log (the tensors are float32, the lines have six decimals).
+    lines = [line for line in Path(stored.log_path).read_text().splitlines() if line.startswith("epoch=")]
     printed = [
-        contract.parse_metric_line(line)
-        for line in Path(stored.log_path).read_text().splitlines()
-        if line.startswith("epoch=")
+        {
+            **contract.parse_metric_line(line),
+            "train:accuracy": float(re.search(r"train_accuracy=(\S+)", line)[1]),
+        }
+        for line in lines
     ]
     assert len(printed) == 3 and drawn["by_epoch"]["epoch"] == [1, 2, 3]
+    assert drawn["by_epoch"]["source"] == "tensors"
     for key, metric in (
         ("train_loss", "train:loss"),
         ("valid_loss", "valid:loss"),
+        ("train_accuracy", "train:accuracy"),
         ("valid_accuracy", "valid:accuracy"),
     ):
-        assert drawn["by_epoch"][key] == pytest.approx([row[metric] for row in printed], abs=1e-6)
+        assert drawn["by_epoch"][key] == pytest.approx([row[metric] for row in printed], abs=1e-5), key
+    # Accuracies that say something: with 4 classes, chance is 0.25; the head learns above it.
+    assert max(drawn["by_epoch"]["train_accuracy"]) > 0.25 and max(drawn["by_epoch"]["valid_accuracy"]) > 0.25
 
     # Per step: the loss tensors the hook saved, read back with smdebug.
     trial = create_trial(str(run.job_dir / "opt_ml" / "output" / "tensors"))
@@ -61,7 +78,7 @@ def test_training_curves_plot_the_runs_metrics_and_saved_losses(healthy_debug_ru
         [step, float(trial.tensor(loss).value(step, mode=modes.TRAIN))]
         for step in trial.tensor(loss).steps(mode=modes.TRAIN)
     ]
-    assert [step for step, _ in saved] == [0]  # every 10th of the 6 training steps
+    assert [step for step, _ in saved] == [0, 1, 2, 3, 4, 5]  # each of the first 10 training steps
     assert drawn["loss_by_step"]["train"] == saved  # the same float32 values, read the same way
     validation = [
         float(trial.tensor(loss).value(step, mode=modes.EVAL))
@@ -73,10 +90,13 @@ def test_training_curves_plot_the_runs_metrics_and_saved_losses(healthy_debug_ru
     assert [value for _, value in drawn["loss_by_step"]["validation"]] == pytest.approx(passes)
     assert [step for step, _ in drawn["loss_by_step"]["validation"]] == [2, 4, 6]
 
-    # What the loss rules compare: each epoch's means, saved at the last step of each phase only.
+    # What the loss rules compare and the epoch panels draw: each epoch's means, saved at the last
+    # step of each phase only.
     for tensor, mode, metric in (
         (contract.EPOCH_TRAINING_TENSOR, modes.TRAIN, "train:loss"),
         (contract.EPOCH_VALIDATION_TENSOR, modes.EVAL, "valid:loss"),
+        (debugger.EPOCH_ACCURACY_TENSORS[debugger.TRAIN], modes.TRAIN, "train:accuracy"),
+        (debugger.EPOCH_ACCURACY_TENSORS[debugger.EVAL], modes.EVAL, "valid:accuracy"),
     ):
         means = trial.tensor(f"{tensor}_output_0")
         assert means.steps(mode=mode) == [1, 3, 5]
@@ -130,7 +150,38 @@ def test_epochs_come_from_the_metric_lines_when_the_script_wrote_no_history(tmp_
     [plot] = plot_training(tmp_path)
     drawn = json.loads(plot.data.read_text())
     assert drawn["by_epoch"]["valid_accuracy"] == [0.4, 0.5] and drawn["loss_by_step"] == {}
+    assert drawn["by_epoch"]["source"] == "metrics" and drawn["by_epoch"]["train_accuracy"] == [None, None]
     check_png(plot.png, 800)
+
+
+def test_a_resumed_job_saved_the_tensors_of_its_last_epochs_only(tmp_path: Path) -> None:
+    # Epoch 1 came from a checkpoint: the history has three epochs, the tensors two.
+    history = [{"epoch": epoch, "valid_loss": 1.0} for epoch in (1, 2, 3)]
+    write_json_atomic(tmp_path / "opt_ml" / "output" / "data" / contract.EPOCH_METRICS_FILE, history)
+    series = {
+        f"{contract.EPOCH_TRAINING_TENSOR}_output_0": {"TRAIN": [[1, 1, 1.5], [3, 5, 1.2]]},
+        f"{contract.EPOCH_VALIDATION_TENSOR}_output_0": {"EVAL": [[1, 3, 1.4], [3, 7, 1.3]]},
+        f"{debugger.EPOCH_ACCURACY_TENSORS[debugger.EVAL]}_output_0": {"EVAL": [[1, 3, 0.5], [3, 7, 0.6]]},
+    }
+    write_json_atomic(tmp_path / "debugger" / "epoch_means.json", series)
+    assert tensor_epochs(tmp_path, epoch_history(tmp_path)) == [
+        {"epoch": 2, "train_loss": 1.5, "valid_loss": 1.4, "valid_accuracy": 0.5},
+        {"epoch": 3, "train_loss": 1.2, "valid_loss": 1.3, "valid_accuracy": 0.6},
+    ]
+    [plot] = plot_training(tmp_path)
+    drawn = json.loads(plot.data.read_text())["by_epoch"]
+    assert (
+        drawn["source"] == "tensors" and drawn["epoch"] == [2, 3] and drawn["train_accuracy"] == [None, None]
+    )
+
+
+def test_the_plots_name_the_tensors_train_py_saves() -> None:
+    # local/plots.py cannot import entrypoints/debugger.py (torch): the names are written twice.
+    from local.plots import EPOCH_TENSORS
+
+    assert {EPOCH_TENSORS[key][0] for key in ("train_accuracy", "valid_accuracy")} == {
+        f"{name}_output_0" for name in debugger.EPOCH_ACCURACY_TENSORS.values()
+    }
 
 
 def test_validation_passes_are_placed_after_the_training_steps_before_them(tmp_path: Path) -> None:
