@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
+from debugger_support import run_debug_pipeline
 from test_local_support import BUCKET, definition, get, processing_step, store_for, training_step
 
+from local.jobs.training import gpu_count
+from local.progress import step_details
 from local.runner import RunOptions, run_pipeline
+from local.state import load_execution
 
 FAST = RunOptions(stop_grace_seconds=1.0, cores=2)
 
@@ -251,3 +257,148 @@ def test_unsupported_training_requests_say_what_runs_locally(home: Path) -> None
     }
     execution = run_pipeline(definition(step), {}, home, options=FAST)
     assert "the local runner runs script-mode training only" in execution.steps["BuiltIn"].failure_reason
+
+
+def test_a_job_past_its_max_runtime_is_stopped_as_sagemaker_reports_it(home: Path) -> None:
+    train = training_step(
+        home,
+        "Train",
+        """
+        import os, pathlib, time
+        print("epoch=1 train_loss=1.000 valid_loss=0.900 valid_accuracy=0.500", flush=True)
+        (pathlib.Path(os.environ["SM_MODEL_DIR"]) / "model.pth").write_text("weights of epoch 1")
+        time.sleep(60)
+        """,
+        channels={"train": f"{BUCKET}/data/train"},
+        hyperparameters={},
+        metric_definitions=METRICS,
+        timeout=3,
+    )
+    started = time.monotonic()
+    execution = run_pipeline(definition(train), {}, home, options=FAST)
+    assert time.monotonic() - started < 30
+    record = execution.steps["Train"]
+    # DescribeTrainingJob's words for a job stopped at StoppingCondition.MaxRuntimeInSeconds.
+    assert record.properties["TrainingJobStatus"] == "Stopped"
+    assert record.properties["SecondaryStatus"] == "MaxRuntimeExceeded"
+    assert "FailureReason" not in record.properties and record.properties["TrainingEndTime"]
+    # The pipeline cannot go on without the job's model: the step fails and says why.
+    assert record.status == "Failed" and execution.status == "Failed"
+    assert "ran past StoppingCondition.MaxRuntimeInSeconds (3 s)" in record.failure_reason
+    assert "MaxRuntimeInSeconds (3 s)" in execution.failure_reason
+    # As on SageMaker, what the job saved in /opt/ml/model before it was stopped is uploaded.
+    artifact = record.properties["ModelArtifacts"]["S3ModelArtifacts"]
+    assert _members(store_for(home).read_bytes(artifact)) == {"model.pth": b"weights of epoch 1"}
+    final = {item["MetricName"]: item["Value"] for item in record.properties["FinalMetricDataList"]}
+    assert final == {"train:loss": 1.0, "valid:loss": 0.9}
+
+
+def assert_reports_kept(home: Path, execution_id: str, step: str) -> list[str]:
+    """The failed step's profiler report, plots and Debugger files, as stored and as `kennel status`
+    lists them; returns its status lines."""
+    record = load_execution(home, execution_id).steps[step]
+    lines = step_details(record)
+    report = record.metadata["Profiler"]["Report"]
+    assert Path(report).is_file() and f"profiler report: {report}" in lines
+    plots = {plot["Name"]: plot["Path"] for plot in record.metadata["Plots"]}
+    assert Path(plots["training_curves"]).is_file()
+    assert f"plot training_curves: {plots['training_curves']}" in lines
+    assert Path(record.metadata["Debugger"]["RuleStatuses"]).is_file()
+    assert [status["RuleEvaluationStatus"] for status in record.properties["ProfilerRuleEvaluationStatuses"]]
+    return lines
+
+
+DEBUG_AND_PROFILER = {
+    "DebugHookConfig": {
+        "S3OutputPath": f"{BUCKET}/debug",
+        "CollectionConfigurations": [{"CollectionName": "losses"}],
+    },
+    "DebugRuleConfigurations": [
+        {
+            "RuleConfigurationName": "LossNotDecreasing",
+            "RuleEvaluatorImage": "img",
+            "RuleParameters": {"rule_to_invoke": "LossNotDecreasing"},
+        }
+    ],
+    "ProfilerConfig": {"S3OutputPath": f"{BUCKET}/profiler", "ProfilingIntervalInMilliseconds": 200},
+    "ProfilerRuleConfigurations": [
+        {
+            "RuleConfigurationName": "ProfilerReport",
+            "RuleEvaluatorImage": "img",
+            "RuleParameters": {"rule_to_invoke": "ProfilerReport"},
+        }
+    ],
+}
+
+
+def test_a_job_whose_upload_fails_keeps_its_reports(home: Path) -> None:
+    # The job trains, then its model cannot be stored: an object sits where the output prefix should be.
+    store_for(home).put_bytes(f"{BUCKET}/blocked", b"not a prefix")
+    train = training_step(
+        home,
+        "Train",
+        """
+        import os, pathlib
+        for epoch in (1, 2):
+            print(f"epoch={epoch} train_loss={1.0 / epoch:.3f} valid_loss={0.8 / epoch:.3f} "
+                  f"valid_accuracy={0.5 * epoch:.3f}")
+        (pathlib.Path(os.environ["SM_MODEL_DIR"]) / "model.pth").write_text("weights")
+        """,
+        channels={"train": f"{BUCKET}/data/train"},
+        hyperparameters={},
+        metric_definitions=METRICS,
+        output_path=f"{BUCKET}/blocked/models",
+        arguments=DEBUG_AND_PROFILER,
+    )
+    execution = run_pipeline(definition(train), {}, home, options=FAST)
+    record = execution.steps["Train"]
+    assert record.status == "Failed" and "uploading the model" in record.failure_reason
+    lines = assert_reports_kept(home, execution.execution_id, "Train")
+    assert "profiler rule ProfilerReport: NoIssuesFound - no rule triggered" in " ".join(lines)
+    # The script saved no tensors: the rule says so, and that reaches the step too.
+    assert any(line.startswith("Debugger rule LossNotDecreasing: Error") for line in lines)
+
+
+@pytest.mark.slow
+def test_a_training_that_fails_after_an_epoch_keeps_its_reports(offline_builds, tmp_path: Path) -> None:
+    # train.py itself fails after its first epoch: the checkpoint folder it is given cannot be written.
+    run = run_debug_pipeline(
+        offline_builds["local"], tmp_path, hyperparameters={"checkpoint-dir": "/proc/kennel/checkpoints"}
+    )
+    record = run.train
+    assert record.status == "Failed" and record.failure_reason.startswith("AlgorithmError:")
+    log = Path(record.log_path).read_text()
+    assert re.findall(r"^epoch=(\d+) ", log, re.MULTILINE) == ["1"]
+    lines = assert_reports_kept(run.home, run.execution.execution_id, record.name)
+    # Every rule settled on what the epoch left, and `kennel status` lists them.
+    for status in record.properties["DebugRuleEvaluationStatuses"]:
+        assert status["RuleEvaluationStatus"] != "InProgress"
+        assert (
+            f"Debugger rule {status['RuleConfigurationName']}: {status['RuleEvaluationStatus']}"
+            in " ".join(lines)
+        )
+    # The plot shows the one epoch the job trained, from its tensors.
+    [plot] = record.metadata["Plots"]
+    drawn = json.loads(Path(plot["Data"]).read_text())["by_epoch"]
+    assert drawn["source"] == "tensors" and drawn["epoch"] == [1]
+
+
+def test_only_numbered_nvidia_devices_are_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for name in (
+        "nvidia0",
+        "nvidia1",
+        "nvidiactl",
+        "nvidia-uvm",
+        "nvidia-uvm-tools",
+        "nvidia-modeset",
+        "null",
+    ):
+        (tmp_path / name).touch()
+    (tmp_path / "nvidia-caps").mkdir()
+    assert gpu_count(tmp_path) == 2
+    assert gpu_count(tmp_path / "absent") == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert gpu_count(tmp_path) == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_count(tmp_path) == 0

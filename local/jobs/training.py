@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import threading
 import time
@@ -106,7 +107,7 @@ class TrainingOutcome:
     def to_step_result(self) -> StepResult:
         if self.status == SUCCEEDED:
             result = StepResult.succeeded(self.properties)
-        elif self.status == STOPPED:
+        elif self.status == STOPPED and not self.extra.get("max_runtime_exceeded"):
             result = StepResult.stopped(self.failure_reason or "stopped", self.properties)
         else:
             result = StepResult.failed(
@@ -210,8 +211,7 @@ def run_training_job(
         )
     except StepFailure as failure:
         sync.stop()
-        _finish_monitors(watching, properties, {}, log_path)
-        return _failed(properties, metrics, failure.reason, failure.failure_type, log_path)
+        return _failed_after_start(watching, properties, metrics, failure, log_path)
     sync.stop()
     write_json_atomic(job_dir / "metrics.json", metrics.history)
     properties.update(
@@ -229,8 +229,7 @@ def run_training_job(
             _put_artifacts(request, job_name, job, context, properties)
         _put_debug_output(request, job_name, job, context)
     except StepFailure as failure:
-        _finish_monitors(watching, properties, {}, log_path)
-        return _failed(properties, metrics, failure.reason, failure.failure_type, log_path)
+        return _failed_after_start(watching, properties, metrics, failure, log_path)
     _evaluate_rules(request, job_dir, properties, context, rule_evaluator)
     metadata: dict[str, Any] = {}
     _finish_monitors(watching, properties, metadata, log_path)
@@ -268,10 +267,24 @@ def _ending(
         properties.update(TrainingJobStatus="Stopped", SecondaryStatus="Stopped")
         return TrainingOutcome(STOPPED, properties, metrics, "the job was stopped")
     if outcome.ended_by == "timeout":
-        properties.update(SecondaryStatus="MaxRuntimeExceeded")
+        # What DescribeTrainingJob says of a job stopped at MaxRuntimeInSeconds (no FailureReason).
+        # The step still fails: the pipeline cannot go on without the job's model, and a Stopped
+        # step would read as stopped on purpose.
+        properties.update(TrainingJobStatus="Stopped", SecondaryStatus="MaxRuntimeExceeded")
+        properties.setdefault("TrainingEndTime", now())
         limit = (request.get("StoppingCondition") or {}).get("MaxRuntimeInSeconds", "the default")
-        reason = f"the job ran past StoppingCondition.MaxRuntimeInSeconds ({limit} s) and was stopped"
-        return _failed(properties, metrics, reason, ALGORITHM_ERROR, log_path)
+        reason = (
+            f"the job ran past StoppingCondition.MaxRuntimeInSeconds ({limit} s) and was stopped "
+            "(TrainingJobStatus Stopped, SecondaryStatus MaxRuntimeExceeded)"
+        )
+        return TrainingOutcome(
+            STOPPED,
+            properties,
+            metrics,
+            f"{reason}\nlog: {log_path}",
+            ALGORITHM_ERROR,
+            extra={"max_runtime_exceeded": True},
+        )
     if outcome.signal is not None:
         reason = f"InternalServerError: the job's process was killed by signal {outcome.signal}"
         return _failed(properties, metrics, reason, JOB_INTERNAL_ERROR, log_path)
@@ -299,6 +312,18 @@ def _describe(request: dict, job_name: str, started: str) -> dict[str, Any]:
         },
     )
     return properties
+
+
+def _failed_after_start(
+    monitors: list[JobMonitor], properties: dict, metrics: MetricReader, failure: StepFailure, log_path: Path
+) -> TrainingOutcome:
+    """A job that ran and then could not be completed: its monitors' reports (profiler report,
+    plots, Debugger rule statuses) are kept, as for any other failed job."""
+    metadata: dict[str, Any] = {}
+    _finish_monitors(monitors, properties, metadata, log_path)
+    outcome = _failed(properties, metrics, failure.reason, failure.failure_type, log_path)
+    outcome.metadata.update(metadata)
+    return outcome
 
 
 def _failed(
@@ -543,16 +568,19 @@ def _environment(
     return environment
 
 
-def gpu_count() -> int:
-    """NVIDIA devices visible to jobs (the runner must not import torch to ask)."""
+def gpu_count(devices: Path = Path("/dev")) -> int:
+    """NVIDIA devices visible to jobs (the runner must not import torch to ask).
+
+    Only /dev/nvidia<N> are GPUs; nvidiactl, nvidia-uvm, nvidia-modeset and nvidia-caps/ are the
+    driver's control devices.
+    """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return len([item for item in visible.split(",") if item.strip() and item.strip() != "-1"])
-    return (
-        len([name for name in os.listdir("/dev") if name.startswith("nvidia") and name[6:].isdigit()])
-        if os.path.isdir("/dev")
-        else 0
-    )
+    try:
+        return len([name for name in os.listdir(devices) if re.fullmatch(r"nvidia[0-9]+", name)])
+    except OSError:
+        return 0
 
 
 # --- after the job --------------------------------------------------------------------------
