@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 
-from local.debugger_monitor import FOLDER as DEBUGGER_FOLDER
-from local.debugger_monitor import STATUS_FILE as RULE_STATUS_FILE
 from local.files import write_json_atomic
+from local.progress import LIVE_RULE_STATUSES
 from local.state import EXECUTING, FAILED, SUCCEEDED, ExecutionStore, StepRecord, current_process, now
 from local.studio.server import StudioServer
 
@@ -257,8 +256,8 @@ def test_execution_and_step_views(studio: tuple[Studio, str]) -> None:
 
 
 def test_a_running_training_step_shows_the_live_rule_statuses(tmp_path: Path) -> None:
-    """While the job runs, its rule statuses come from the file the rule evaluator rewrites (as in
-    `kennel status`); once the job has ended, from the step's DebugRuleEvaluationStatuses."""
+    """While the job runs, its rule statuses come from the files the rule evaluator and the profiler
+    rewrite (as in `kennel status`); once the job has ended, from the step's properties."""
     home = tmp_path / "home"
     store = ExecutionStore(home)
     definition = {"Version": "2020-12-01", "Parameters": [],
@@ -271,30 +270,39 @@ def test_a_running_training_step_shows_the_live_rule_statuses(tmp_path: Path) ->
         {"RuleConfigurationName": "LossNotDecreasing", "RuleEvaluationStatus": "InProgress", "StatusDetails": ""},
         {"RuleConfigurationName": "ExplodingTensor", "RuleEvaluationStatus": "IssuesFound",
          "StatusDetails": "step 3: " + HOSTILE_LINE}]}
-    write_json_atomic(job_dir / DEBUGGER_FOLDER / RULE_STATUS_FILE, live)
+    profiler_live = {"Finished": False, "Statuses": [
+        {"RuleConfigurationName": "LowGPUUtilization", "RuleEvaluationStatus": "InProgress", "StatusDetails": ""}]}
+    write_json_atomic(job_dir / LIVE_RULE_STATUSES["DebugRuleEvaluationStatuses"], live)
+    write_json_atomic(job_dir / LIVE_RULE_STATUSES["ProfilerRuleEvaluationStatuses"], profiler_live)
     record = StepRecord("TrainWithDebugger", "Training", EXECUTING, start_time=now(), job_dir=str(job_dir))
     store.save_step(execution.execution_id, record)
     path = f"/api/executions/{execution.execution_id}/steps/TrainWithDebugger"
     with StudioServer(home, port=0) as server:
         client = Studio(home.resolve(), server)
 
-        def shown() -> dict[str, str]:
-            rules = client.get_json(path)["DebugRules"]
+        def shown(key: str = "DebugRules") -> dict[str, str]:
+            rules = client.get_json(path)[key]
             return {rule["RuleConfigurationName"]: rule["RuleEvaluationStatus"] for rule in rules}
 
         assert shown() == {"LossNotDecreasing": "InProgress", "ExplodingTensor": "IssuesFound"}
+        assert shown("ProfilerRules") == {"LowGPUUtilization": "InProgress"}
         assert b"<" not in client.request("GET", path)[2]  # a rule's details stay inert too
 
         # The job ended: the settled statuses win over the file's last state.
         record.status = SUCCEEDED
-        record.properties = {"DebugRuleEvaluationStatuses": [
-            {"RuleConfigurationName": "LossNotDecreasing", "RuleEvaluationStatus": "NoIssuesFound"}]}
+        record.properties = {
+            "DebugRuleEvaluationStatuses": [
+                {"RuleConfigurationName": "LossNotDecreasing", "RuleEvaluationStatus": "NoIssuesFound"}],
+            "ProfilerRuleEvaluationStatuses": [
+                {"RuleConfigurationName": "LowGPUUtilization", "RuleEvaluationStatus": "NoIssuesFound"}],
+        }
         store.save_step(execution.execution_id, record)
         assert shown() == {"LossNotDecreasing": "NoIssuesFound"}
+        assert shown("ProfilerRules") == {"LowGPUUtilization": "NoIssuesFound"}
 
         # A job folder edited to lie outside the state folder is not read.
         outside = tmp_path / "elsewhere"
-        write_json_atomic(outside / DEBUGGER_FOLDER / RULE_STATUS_FILE, live)
+        write_json_atomic(outside / LIVE_RULE_STATUSES["DebugRuleEvaluationStatuses"], live)
         record.status, record.properties, record.job_dir = EXECUTING, {}, str(outside)
         store.save_step(execution.execution_id, record)
         assert shown() == {}

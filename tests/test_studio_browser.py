@@ -28,9 +28,8 @@ import pytest
 from playwright.sync_api import Browser, Locator, Page, Request, expect, sync_playwright
 
 from local import deployment, endpoints
-from local.debugger_monitor import FOLDER as DEBUGGER_FOLDER
-from local.debugger_monitor import STATUS_FILE as RULE_STATUS_FILE
 from local.files import read_json, write_json_atomic
+from local.progress import LIVE_RULE_STATUSES
 from local.registry import LocalRegistry
 from local.state import (
     EXECUTING,
@@ -186,7 +185,7 @@ def test_a_running_training_step_shows_its_live_rule_statuses(page: Page, tmp_pa
     execution.runner = current_process()  # a live runner, so the state is not read as interrupted
     store.save(execution)
     job_dir = execution.folder / "jobs" / "TrainWithDebugger-1"
-    status_file = job_dir / DEBUGGER_FOLDER / RULE_STATUS_FILE
+    status_file = job_dir / LIVE_RULE_STATUSES["DebugRuleEvaluationStatuses"]
     statuses = [{"RuleConfigurationName": name, "RuleEvaluationStatus": "InProgress", "StatusDetails": ""}
                 for name in DEBUGGER_RULES]
     write_json_atomic(status_file, {"Finished": False, "Statuses": statuses})

@@ -10,18 +10,18 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from entrypoints.contract import EVALUATION_METRICS_KEY, METRIC_DEFINITIONS
-from local.debugger_monitor import FOLDER as DEBUGGER_FOLDER
-from local.debugger_monitor import STATUS_FILE as RULE_STATUS_FILE
 from local.endpoints import list_endpoints
 from local.expressions import ExpressionError, Scope, referenced_steps, resolve
 from local.files import read_json
 from local.graph import GraphError, build_graph, topological_order
 from local.home import store_root
+from local.progress import LIVE_RULE_STATUSES, rule_statuses
 from local.registry import LocalRegistry, RegistryError
 from local.state import Execution, StateError, StepRecord, list_executions, load_execution
 from local.store import ObjectStore, StoreError
@@ -223,8 +223,8 @@ def step_view(home: Path, execution_id: str, step: str) -> dict[str, Any]:
         "Trials": trials(properties),
         "Evaluation": evaluation(properties),
         "Conditions": metadata.get("EvaluatedConditions") or properties.get("EvaluatedConditions"),
-        "DebugRules": debug_rule_statuses(home, record),
-        "ProfilerRules": properties.get("ProfilerRuleEvaluationStatuses") or [],
+        "DebugRules": shown_rule_statuses(home, record, "DebugRuleEvaluationStatuses"),
+        "ProfilerRules": shown_rule_statuses(home, record, "ProfilerRuleEvaluationStatuses"),
         "ProfilerReportUrl": f"{base}/files/profiler-report/0" if profiler_report else None,
         "Plots": [
             {"Name": str(plot.get("Name") or f"plot {index}"), "Url": f"{base}/files/plot/{index}"}
@@ -261,21 +261,14 @@ def _arguments(home: Path, execution: Execution, record: StepRecord) -> tuple[An
         return raw, False
 
 
-def debug_rule_statuses(home: Path, record: StepRecord) -> list[dict[str, Any]]:
-    """The job's DebugRuleEvaluationStatuses once it has ended. Until then (and for a job that died
-    before settling them) the statuses the rule evaluator keeps rewriting in the job folder, as
-    `kennel status` shows them: InProgress while a rule waits for more steps."""
-    settled = record.properties.get("DebugRuleEvaluationStatuses")
-    if settled is not None or not record.job_dir:
-        return settled or []
-    live = _recorded_file(home, str(Path(record.job_dir) / DEBUGGER_FOLDER / RULE_STATUS_FILE))
-    if live is None:
-        return []
-    try:
-        statuses = read_json(live).get("Statuses") or []
-        return [status for status in statuses if isinstance(status, Mapping)]
-    except (OSError, ValueError, AttributeError, TypeError):
-        return []  # the evaluator replaces the file atomically, so this is a broken file, not a race
+def shown_rule_statuses(home: Path, record: StepRecord, key: str) -> list[dict[str, Any]]:
+    """The step's Debugger or profiler rule statuses (`key`) as `kennel status` reads them: settled
+    once the job has ended, live from the job folder while it runs (InProgress at first)."""
+    live = Path(record.job_dir or "") / LIVE_RULE_STATUSES[key]
+    if record.job_dir and _recorded_file(home, str(live)) is None:
+        record = replace(record, job_dir=None)  # the page reads no file outside the state folder
+    statuses = rule_statuses(record, key)
+    return [status for status in statuses if isinstance(status, Mapping)] if isinstance(statuses, list) else []
 
 
 def metrics(properties: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -484,7 +477,7 @@ __all__ = [
     "NotFound",
     "RegistryError",
     "dag",
-    "debug_rule_statuses",
+    "shown_rule_statuses",
     "endpoints_view",
     "execution_view",
     "executions_view",
