@@ -246,7 +246,8 @@ def _arguments(home: Path, execution: Execution, record: StepRecord) -> tuple[An
         return None, False
     raw = {k: v for k, v in (node.step.get("Arguments") or {}).items() if k not in ("IfSteps", "ElseSteps")}
     store = ObjectStore(store_root(home))
-    variables = execution.variables(record.job_name, current_time=execution.creation_time)
+    variables = execution.variables(record.job_name, current_time=execution.creation_time,
+                                    step_type=record.type or None)
     values = {p["Name"]: p["DefaultValue"] for p in parameters(_definition(execution)) if p["Name"]}
     values.update(execution.parameters)
     scope = Scope(
