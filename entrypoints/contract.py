@@ -77,6 +77,7 @@ INFERENCE_CONTENT_TYPES = (*IMAGE_CONTENT_TYPES, "application/json", "applicatio
 INFERENCE_RESPONSE_TYPES = ("application/json",)
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # SageMaker real-time endpoints refuse bodies over 6 MB
 INFERENCE_MAX_BATCH = 64  # images in one request; a larger batch is a 400, not a slow 500
+DEFAULT_TOP_K = 5  # labels an answer carries unless a JSON request asks for another top_k
 
 
 def parse_metric_line(line: str) -> dict[str, float]:

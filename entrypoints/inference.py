@@ -53,7 +53,7 @@ except ImportError:
 logger = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
-DEFAULT_TOP_K = 5
+DEFAULT_TOP_K = contract.DEFAULT_TOP_K
 # The same floor as the prepare step: an image too small to have been trained on is refused
 # rather than answered with a confident guess about a few upscaled pixels.
 SERVING_MIN_SIZE = DEFAULT_MIN_SIZE

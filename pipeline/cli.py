@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from entrypoints import contract
 from pipeline.config import TARGETS, KennelConfig, load_config
 from pipeline.errors import KennelError
 
@@ -292,9 +293,8 @@ def cmd_endpoint(args: argparse.Namespace, config: KennelConfig) -> int:
     return 0
 
 
-# What the endpoint answers a raw image with (entrypoints/inference.py's DEFAULT_TOP_K); only JSON
-# requests can ask for more.
-RAW_IMAGE_LABELS = 5
+# What the endpoint answers a raw image with; only JSON requests can ask for more.
+RAW_IMAGE_LABELS = contract.DEFAULT_TOP_K
 # File signatures of the image types the endpoint names; Pillow on the endpoint identifies any
 # other format sent as application/x-image (GIF, BMP, WebP, TIFF, ...), whatever the file is called.
 _IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))

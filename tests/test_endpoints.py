@@ -262,12 +262,6 @@ def test_predict_sends_the_image_itself_unless_json_is_needed(form: str, top_k: 
         assert body == data
 
 
-def test_raw_images_get_the_default_number_of_labels() -> None:
-    import inference
-
-    assert cli.RAW_IMAGE_LABELS == inference.DEFAULT_TOP_K
-
-
 def test_kennel_predict_classifies_a_5_mb_image_that_json_would_not_carry(
     kennel_home: Path, tarballs: Tarballs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
