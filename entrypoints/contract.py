@@ -52,6 +52,10 @@ EPOCH_METRICS_FILE = "metrics.json"
 # collection takes every "*loss_*output" tensor.
 EPOCH_TRAINING_TENSOR = "training_set_mean"
 EPOCH_VALIDATION_TENSOR = "validation_set_mean"
+# Each epoch's accuracy on the training pass and on the validation set, recorded the same way next
+# to the loss means, for the plots.
+EPOCH_TRAINING_ACCURACY_TENSOR = "training_set_accuracy"
+EPOCH_VALIDATION_ACCURACY_TENSOR = "validation_set_accuracy"
 EPOCH_MEANS_COLLECTION = "epoch_means"
 MODEL_WEIGHTS_FILE = "model.pth"  # a state_dict, loaded with torch.load(weights_only=True)
 MODEL_META_FILE = "model_meta.json"  # arch, class names, image size, normalization

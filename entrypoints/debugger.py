@@ -31,11 +31,10 @@ SAGEMAKER_ROOT = "/opt/ml"
 # Where smdebug writes when the config has no LocalPath (smdebug's own default).
 DEFAULT_TENSORS_DIR = "/opt/ml/output/tensors"
 TRAIN, EVAL = "train", "eval"
-# Each epoch's accuracy on the training pass and on the validation set, recorded (as <name>_output_0)
-# next to the epoch's mean losses in contract.EPOCH_MEANS_COLLECTION, for the plots. The pipeline's
-# hook config (steps/train.py) and the plots (local/plots.py) name them too: they belong in
-# contract.py with the loss tensors' names.
-EPOCH_ACCURACY_TENSORS = {TRAIN: "training_set_accuracy", EVAL: "validation_set_accuracy"}
+EPOCH_ACCURACY_TENSORS = {
+    TRAIN: contract.EPOCH_TRAINING_ACCURACY_TENSOR,
+    EVAL: contract.EPOCH_VALIDATION_ACCURACY_TENSOR,
+}
 
 
 class DebuggerUnavailable(RuntimeError):

@@ -25,7 +25,9 @@ from typing import Any
 
 from entrypoints.contract import (
     EPOCH_METRICS_FILE,
+    EPOCH_TRAINING_ACCURACY_TENSOR,
     EPOCH_TRAINING_TENSOR,
+    EPOCH_VALIDATION_ACCURACY_TENSOR,
     EPOCH_VALIDATION_TENSOR,
     EVALUATION_FILE,
     EVALUATION_METRICS_KEY,
@@ -42,13 +44,12 @@ TRAINING_CURVES = "training_curves"
 CONFUSION_MATRIX = "confusion_matrix"
 LOSSES_FILE = Path("debugger") / "losses.json"  # written by local.debugger_rules
 EPOCH_MEANS_FILE = Path("debugger") / "epoch_means.json"  # written by local.debugger_rules
-# The tensor and mode of each per-epoch number the hook saves. The accuracies' names are
-# entrypoints/debugger.py's EPOCH_ACCURACY_TENSORS (contract.py is where they belong).
+# The tensor and mode of each per-epoch number the hook saves.
 EPOCH_TENSORS = {
     "train_loss": (f"{EPOCH_TRAINING_TENSOR}_output_0", "TRAIN"),
     "valid_loss": (f"{EPOCH_VALIDATION_TENSOR}_output_0", "EVAL"),
-    "train_accuracy": ("training_set_accuracy_output_0", "TRAIN"),
-    "valid_accuracy": ("validation_set_accuracy_output_0", "EVAL"),
+    "train_accuracy": (f"{EPOCH_TRAINING_ACCURACY_TENSOR}_output_0", "TRAIN"),
+    "valid_accuracy": (f"{EPOCH_VALIDATION_ACCURACY_TENSOR}_output_0", "EVAL"),
 }
 EPOCH_KEYS = ("epoch", *EPOCH_TENSORS)
 EPOCH_PANELS = (

@@ -47,8 +47,7 @@ INITIAL_STEPS = 10
 # The epoch means (contract.EPOCH_MEANS_COLLECTION) hold losses and accuracies: the loss rules name
 # the loss tensors, so that an accuracy never counts as a loss.
 EPOCH_LOSS_TENSORS = f"{contract.EPOCH_TRAINING_TENSOR}_output_0,{contract.EPOCH_VALIDATION_TENSOR}_output_0"
-# Written by entrypoints/debugger.py (record_epoch_accuracy); contract.py is where they belong.
-EPOCH_ACCURACY_TENSORS = ("training_set_accuracy", "validation_set_accuracy")
+EPOCH_ACCURACY_TENSORS = (contract.EPOCH_TRAINING_ACCURACY_TENSOR, contract.EPOCH_VALIDATION_ACCURACY_TENSOR)
 
 DEBUG_RULES = (
     # The loss rules compare epochs: train.py records each epoch's mean training and validation loss

@@ -176,7 +176,6 @@ def test_a_resumed_job_saved_the_tensors_of_its_last_epochs_only(tmp_path: Path)
 
 
 def test_the_plots_name_the_tensors_train_py_saves() -> None:
-    # local/plots.py cannot import entrypoints/debugger.py (torch): the names are written twice.
     from local.plots import EPOCH_TENSORS
 
     assert {EPOCH_TENSORS[key][0] for key in ("train_accuracy", "valid_accuracy")} == {
