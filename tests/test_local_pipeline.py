@@ -235,8 +235,9 @@ def test_status_shows_the_debugger_and_profiler_rules_the_report_and_the_plots(
 def prepared(home: Path, execution: str) -> tuple[str, list[str]]:
     """What PrepareData read (its data input) and the classes its manifest.json lists."""
     prepare = step_record(home, execution, "PrepareData")
-    request = json.loads(Path(prepare["JobDir"], "opt_ml", "config", "processingjobconfig.json").read_text())
-    data = next(item["S3Input"]["S3Uri"] for item in request["ProcessingInputs"] if item["InputName"] == "data")
+    # Its properties (DescribeProcessingJob's answer), whether the job ran or came from the cache.
+    inputs = prepare["Properties"]["ProcessingInputs"]
+    data = next(item["S3Input"]["S3Uri"] for item in inputs if item["InputName"] == "data")
     report = next(o["S3Output"]["S3Uri"] for o in prepare["Properties"]["ProcessingOutputConfig"]["Outputs"]
                   if o["OutputName"] == "report")
     manifest = json.loads((home / "s3" / report.removeprefix("s3://").rstrip("/") / "manifest.json").read_text())
@@ -256,20 +257,22 @@ def my_photos(root: Path) -> Path:
     return root
 
 
-def test_a_run_on_your_own_folder_then_a_plain_run_on_the_sample(tmp_path: Path) -> None:
-    home = tmp_path / ".kennel"
+def test_a_run_on_your_own_folder_stays_apart_from_the_sample(home: Path, first_execution: str, tmp_path: Path) -> None:
     tree = my_photos(tmp_path / "my-photos")
-    mine = MY_CLASSES
-    tiny = params(*TINY)
-
-    own = kennel(home, "run", "--wait", "--data", str(tree), *tiny, "--json")
+    own = kennel(home, "run", "--wait", "--data", str(tree), *params(*TINY), "--json")
     assert own.returncode == 0, own.stderr[-3000:]
-    own_execution = json.loads(own.stdout)["execution_id"]
-    data, classes = prepared(home, own_execution)
-    assert data.startswith("s3://kennel-local/kennel/uploads/my-photos-") and classes == mine
+    data, classes = prepared(home, json.loads(own.stdout)["execution_id"])
+    assert data.startswith("s3://kennel-local/kennel/uploads/my-photos-") and classes == MY_CLASSES
 
-    # The upload lives apart from the sample: a plain run still gets the sample, and only the sample.
-    plain = kennel(home, "run", "--wait", *tiny, "--json")
+    # The upload lives apart from the sample: the sample's prefix holds the bundled sample alone
+    # (an upload inside it would become a "class", or mix split folders with class folders)...
+    def files(root: Path) -> set[str]:
+        return {path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()}
+
+    assert files(home / "s3" / "kennel-local" / "kennel" / "data" / "sample") == files(SAMPLE)
+    assert files(home / "s3" / data.removeprefix("s3://").rstrip("/")) == files(tree)
+    # ...and a plain run after it still reads the sample, and only the sample.
+    plain = kennel(home, "run", "--wait", *params(*SMALL), "--json")
     assert plain.returncode == 0, plain.stderr[-3000:]
     data, classes = prepared(home, json.loads(plain.stdout)["execution_id"])
     assert data == "s3://kennel-local/kennel/data/sample" and classes == CLASSES
@@ -292,10 +295,12 @@ def cache_keys(target, definition: dict, execution, steps: tuple[str, ...]) -> d
 
 
 def test_an_unchanged_upsert_hits_the_cache_and_a_changed_script_misses_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    home: Path, first_execution: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The training and tuning steps key on their code's content (the code and sm_drivers channels,
-    the tuner's sagemaker_submit_directory), not on the time-stamped keys each upsert uploads to."""
+    """The job steps key on their code's content (the code and sm_drivers channels, the tuner's
+    sagemaker_submit_directory), not on the time-stamped keys each upsert uploads to: re-upserting
+    the same code keeps every key of the first execution, a changed script changes the keys of the
+    steps that run it. (Keys are the runner's own, computed against the first execution's results.)"""
     import shutil
 
     from kennel_support import repo_config
@@ -312,28 +317,25 @@ def test_an_unchanged_upsert_hits_the_cache_and_a_changed_script_misses_it(
     code = tmp_path / "entrypoints"  # what gets upserted: a copy, so the test may change it
     shutil.copytree(REPO_ROOT / "entrypoints", code, ignore=shutil.ignore_patterns("__pycache__"))
     stage = common.stage_source_dir
-    monkeypatch.setattr(common, "stage_source_dir", lambda destination: stage(destination, source=code))
-    target = LocalTarget(repo_config().for_target("local"), home=tmp_path / ".kennel")
-    parameters = {**dict(pair.split("=") for pair in TINY), "InputDataUri": target.stage_data(str(my_photos(tmp_path / "my-photos")))}
-
-    def run_after_upsert() -> str:
-        target.upsert()
-        execution = target.start(parameters, wait=True)
-        assert execution.status == "Succeeded", execution.failure_reason
-        return execution.execution_id
-
-    run_after_upsert()
-    second = load_execution(target.home, run_after_upsert())
+    target = LocalTarget(repo_config().for_target("local"), home=home)
+    first = load_execution(home, first_execution)
     jobs = ("PrepareData", "Tune", "TrainWithDebugger", "Evaluate")
-    assert all(second.steps[name].cache_hit for name in jobs), {n: second.steps[n].cache_hit for n in jobs}
-    trained = ("Tune", "TrainWithDebugger")
-    hits = cache_keys(target, target.definition(), second, trained)
-    cache = StepCache(target.home)
-    assert all(cache.lookup(second.pipeline_name, name, key, None) for name, key in hits.items())
+    cache = StepCache(home)
+    stored = cache_keys(target, target.definition(), first, jobs)
+    assert all(cache.lookup(first.pipeline_name, name, key, None) for name, key in stored.items())
 
-    with (code / "train.py").open("a") as script:
-        script.write("# a comment changes no behaviour, but it is other code\n")
-    target.upsert()
-    changed = cache_keys(target, target.definition(), second, trained)
-    for name in trained:  # the same upstream results: only the code differs
-        assert changed[name] != hits[name] and cache.lookup(second.pipeline_name, name, changed[name], None) is None
+    monkeypatch.setattr(common, "stage_source_dir", lambda destination: stage(destination, source=code))
+    try:
+        target.upsert()  # the same code, uploaded afresh under new keys
+        assert cache_keys(target, target.definition(), first, jobs) == stored
+
+        with (code / "train.py").open("a") as script:
+            script.write("# a comment changes no behaviour, but it is other code\n")
+        target.upsert()
+        changed = cache_keys(target, target.definition(), first, jobs)
+        for name in ("Tune", "TrainWithDebugger"):  # the same upstream results: only the code differs
+            assert changed[name] != stored[name]
+            assert cache.lookup(first.pipeline_name, name, changed[name], None) is None
+    finally:
+        monkeypatch.setattr(common, "stage_source_dir", stage)
+        target.upsert()  # leave the home with the repository's code, as the other tests found it
