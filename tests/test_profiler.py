@@ -80,7 +80,10 @@ def test_sampler_writes_the_files_smdebug_reads(tmp_path: Path) -> None:
     worker.start()
     sampler = SystemSampler(tmp_path, 0.1, gpus=0)
     sampler.start()
-    time.sleep(1.0)
+    # Enough samples to read back, however busy the machine (the spinning thread contends for the GIL).
+    deadline = time.monotonic() + 60
+    while sampler.samples < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
     sampler.stop()
     busy.set()
     worker.join()
