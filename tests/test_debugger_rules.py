@@ -19,12 +19,9 @@ import numpy as np
 import pytest
 from debugger_support import (
     FAST,
-    RUN_HYPERPARAMETERS,
     SAMPLE_DIR,
-    SPLITS,
     STEP,
     DebugRun,
-    copy_sample,
     debug_training_step,
     pipeline_of,
     run_debug_pipeline,
@@ -51,8 +48,6 @@ from local.debugger_rules import (
 from local.progress import step_details
 from local.runner import run_pipeline
 from local.state import Execution, list_executions, load_execution
-
-SPLITS_TRAIN_VALID = {name: SPLITS[name] for name in ("train", "valid")}
 
 # smdebug's generated protobuf modules warn on import under protobuf 3.20; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated create function:DeprecationWarning")
@@ -196,21 +191,59 @@ def test_every_rule_is_quiet_on_the_healthy_sample_run(healthy_debug_run: DebugR
 
 
 @pytest.mark.slow
-def test_every_rule_is_quiet_on_the_default_local_training_of_the_whole_sample(offline_builds, tmp_path: Path) -> None:
-    # What `make pipeline-run` trains: the [local] settings of kennel.toml (the definition's parameter
-    # defaults: efficientnet_lite0, last block, 96 px, 2 epochs) with a learning rate from the middle
-    # of the tuned range, on all of data/sample (7 validation batches per epoch).
+def test_the_default_local_training_shows_its_rules_in_progress_then_quiet(offline_builds, tmp_path: Path) -> None:
+    """What `make pipeline-run` trains: the [local] settings of kennel.toml (the definition's parameter
+    defaults: efficientnet_lite0, last block, 96 px, 2 epochs) with a learning rate from the middle of
+    the tuned range, on all of data/sample (7 validation batches per epoch). While it runs, what
+    `kennel status` shows (local.progress.step_details over the stored step record): the Debugger
+    rules and the profiler rules InProgress, the profiler rules already evaluated on the samples so
+    far; once the job has ended, their final statuses, and every Debugger rule quiet because it looked."""
     build = offline_builds["local"]
     home = tmp_path / "home"
     step = debug_training_step(
         build, home, SAMPLE_DIR, fast=False, hyperparameters={"lr": "0.001", "batch-size": "32", "epochs": "2"}
     )
-    execution = run_pipeline(
-        pipeline_of(step, parameters=build.definition["Parameters"]), {}, home, options=FAST
-    )
+    # A profiler rule container scans every scan_interval_us (AWS's default: 60 s); every second here.
+    for rule in step["Arguments"]["ProfilerRuleConfigurations"]:
+        key = "scan_interval_us" if rule["RuleConfigurationName"] != "ProfilerReport" else "CPUBottleneck_scan_interval_us"
+        rule["RuleParameters"][key] = "1000000"
+    finished: list[Execution] = []
+    runner = threading.Thread(target=lambda: finished.append(
+        run_pipeline(pipeline_of(step, parameters=build.definition["Parameters"]), {}, home, options=FAST)))
+    runner.start()
+    while_running: list[tuple[list[str], bool]] = []  # (status lines, a profiler rule JSON existed)
+    while runner.is_alive():
+        for execution in list_executions(home):
+            record = execution.steps.get(STEP)
+            if record is not None and record.status == "Executing":
+                reports = Path(record.job_dir or "") / "profiler" / "rule-output" / "ProfilerReport"
+                while_running.append((step_details(record), any(reports.rglob("CPUBottleneck.json"))))
+        time.sleep(0.5)
+    runner.join()
+    [execution] = finished
     train = execution.steps[STEP]
     assert execution.status == "Succeeded", execution.failure_reason
     assert train.properties["HyperParameters"]["freeze"] == "last-block"
+
+    configured = [rule["RuleConfigurationName"] for rule in step["Arguments"]["DebugRuleConfigurations"]]
+    in_progress = [
+        lines
+        for lines, _ in while_running
+        if all(f"Debugger rule {name}: InProgress" in lines for name in configured)
+    ]
+    assert in_progress, while_running[-1:]
+    evaluated = [
+        (lines, written)
+        for lines, written in while_running
+        if any(re.match(r"profiler rule ProfilerReport: InProgress - [1-9]\d* samples evaluated", line) for line in lines)
+    ]
+    assert evaluated and all(written for _, written in evaluated), while_running[-1:]
+
+    settled = step_details(load_execution(home, execution.execution_id).steps[STEP])
+    for name in configured:
+        assert any(re.match(rf"Debugger rule {name}: (NoIssuesFound|IssuesFound) - ", line) for line in settled)
+    assert any(line.startswith(f"profiler rule ProfilerReport: {NO_ISSUES} - no rule triggered") for line in settled)
+    assert not any("InProgress" in line for line in settled), settled
     assert_quiet_because_it_looked(statuses(train))
 
 
@@ -262,58 +295,6 @@ def test_overfit_and_overtraining_fire_when_validation_diverges_from_training(
     overtraining = status_of(run, "Overtraining")
     assert overtraining["RuleEvaluationStatus"] == ISSUES_FOUND, overtraining["StatusDetails"]
     assert status_of(run, "VanishingGradient")["RuleEvaluationStatus"] == NO_ISSUES
-
-
-@pytest.mark.slow
-def test_rule_statuses_show_in_progress_while_the_job_runs_then_settle(offline_builds, tmp_path: Path) -> None:
-    """What `kennel status` shows (local.progress.step_details over the stored step record) while
-    TrainWithDebugger runs: the Debugger rules and the profiler rules InProgress, the profiler
-    rules already evaluated on the samples so far; once the job has ended, their final statuses."""
-    home = tmp_path / "home"
-    data = copy_sample(tmp_path / "data", 4, SPLITS_TRAIN_VALID)
-    step = debug_training_step(
-        offline_builds["local"], home, data, hyperparameters={**RUN_HYPERPARAMETERS, "epochs": "6"}
-    )
-    # A profiler rule container scans every scan_interval_us (AWS's default: 60 s); every second here.
-    for rule in step["Arguments"]["ProfilerRuleConfigurations"]:
-        key = "scan_interval_us" if rule["RuleConfigurationName"] != "ProfilerReport" else "CPUBottleneck_scan_interval_us"
-        rule["RuleParameters"][key] = "1000000"
-    finished: list[Execution] = []
-    runner = threading.Thread(
-        target=lambda: finished.append(run_pipeline(pipeline_of(step), {}, home, options=FAST))
-    )
-    runner.start()
-    while_running: list[tuple[list[str], bool]] = []  # (status lines, a profiler rule JSON existed)
-    while runner.is_alive():
-        for execution in list_executions(home):
-            record = execution.steps.get(STEP)
-            if record is not None and record.status == "Executing":
-                reports = Path(record.job_dir or "") / "profiler" / "rule-output" / "ProfilerReport"
-                while_running.append((step_details(record), any(reports.rglob("CPUBottleneck.json"))))
-        time.sleep(0.5)
-    runner.join()
-    [execution] = finished
-    assert execution.status == "Succeeded", execution.failure_reason
-
-    configured = [rule["RuleConfigurationName"] for rule in step["Arguments"]["DebugRuleConfigurations"]]
-    in_progress = [
-        lines
-        for lines, _ in while_running
-        if all(f"Debugger rule {name}: InProgress" in lines for name in configured)
-    ]
-    assert in_progress, while_running[-1:]
-    evaluated = [
-        (lines, written)
-        for lines, written in while_running
-        if any(re.match(r"profiler rule ProfilerReport: InProgress - [1-9]\d* samples evaluated", line) for line in lines)
-    ]
-    assert evaluated and all(written for _, written in evaluated), while_running[-1:]
-
-    settled = step_details(load_execution(home, execution.execution_id).steps[STEP])
-    for name in configured:
-        assert any(re.match(rf"Debugger rule {name}: (NoIssuesFound|IssuesFound) - ", line) for line in settled)
-    assert any(line.startswith(f"profiler rule ProfilerReport: {NO_ISSUES} - no rule triggered") for line in settled)
-    assert not any("InProgress" in line for line in settled), settled
 
 
 def trial_of(run: DebugRun) -> Any:
