@@ -280,7 +280,10 @@ class LocalTarget:
 
         registry = LocalRegistry(self.home)
         package = _package(registry, registry.describe_model_package(result.model_package_arn))
-        return dataclasses.replace(package, message=result.message)
+        # The CLI states the new status itself; the message adds what it did to the endpoint.
+        lines = [f"(it was already {result.status})"] if result.previous_status == result.status else []
+        lines += [deployment.message for deployment in result.deployments]
+        return dataclasses.replace(package, message="\n".join(lines))
 
     def endpoints(self) -> list[Endpoint]:
         from local.endpoints import list_endpoints
