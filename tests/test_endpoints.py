@@ -68,10 +68,14 @@ def test_swap_under_load_drops_no_request_and_switches_package(kennel_home: Path
     second = register(kennel_home, tarballs.reversed, APPROVED)
     started = endpoints.start_or_update(kennel_home, ENDPOINT, first).endpoint
     png = sample_png("ankle_boot")
-    answers: list[tuple[int, str | None, str | None]] = []  # status, package version, top label
+    clients = 3  # concurrent keep-alive connections, so requests are in flight on each side of the swap
+    per_client: list[list[tuple[int, str | None, str | None]]] = [[] for _ in range(clients)]  # status, version, label
     stop = threading.Event()
 
-    def hammer() -> None:
+    def answered() -> int:
+        return sum(len(answers) for answers in per_client)
+
+    def hammer(answers: list[tuple[int, str | None, str | None]]) -> None:
         parts = urlsplit(started.url)
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
         while not stop.is_set():
@@ -90,27 +94,31 @@ def test_swap_under_load_drops_no_request_and_switches_package(kennel_home: Path
                 answers.append((0, None, repr(error)))
                 connection.close()
 
-    worker = threading.Thread(target=hammer)
-    worker.start()
+    workers = [threading.Thread(target=hammer, args=(answers,)) for answers in per_client]
+    for worker in workers:
+        worker.start()
     try:
-        wait_until(lambda: len(answers) >= 5)
-        before = len(answers)
+        wait_until(lambda: all(len(answers) >= 2 for answers in per_client))
+        before = answered()
         swapped = endpoints.start_or_update(kennel_home, ENDPOINT, second)
-        during = len(answers) - before
-        wait_until(lambda: len(answers) >= before + during + 5)
+        during = answered() - before
+        wait_until(lambda: all(sum(answer[1] == "2" for answer in answers) >= 2 for answers in per_client))
     finally:
         stop.set()
-        worker.join(60)
+        for worker in workers:
+            worker.join(60)
 
     assert swapped.action == "updated"
     assert swapped.endpoint.pid == started.pid  # swapped in place, not restarted
     assert swapped.endpoint.model_package_version == 2
+    answers = [answer for client in per_client for answer in client]
     failures = [answer for answer in answers if answer[0] != 200]
     assert failures == []
     assert during > 0  # requests were answered while the new model loaded
-    versions = [answer[1] for answer in answers]
-    switch = versions.index("2")
-    assert set(versions[:switch]) == {"1"} and set(versions[switch:]) == {"2"}  # one clean switch
+    for client in per_client:  # each connection sees one clean switch, old model then new
+        versions = [answer[1] for answer in client]
+        switch = versions.index("2")
+        assert set(versions[:switch]) == {"1"} and set(versions[switch:]) == {"2"}
     labels = {answer[1]: answer[2] for answer in answers}
     assert labels["2"] == reversed_label(labels["1"], tarballs.class_names)
     assert len(os.listdir(endpoints.endpoint_dir(kennel_home, ENDPOINT) / endpoints.MODELS_DIR)) == 1
