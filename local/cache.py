@@ -228,7 +228,10 @@ class StepCache:
         execution_id: str,
         execution_arn: str,
         properties: dict,
+        metadata: dict | None = None,
     ) -> None:
+        """Record a success; `metadata` (the step record's plots, profiler report, ...) is kept so
+        that a step served from this entry still shows what the original job produced."""
         write_json_atomic(
             self._path(pipeline_name, step_name, key),
             {
@@ -238,6 +241,7 @@ class StepCache:
                 "SourcePipelineExecutionArn": execution_arn,
                 "CreatedTime": now(),
                 "Properties": properties,
+                "Metadata": metadata or {},
             },
         )
 

@@ -435,6 +435,7 @@ class _Run:
                         self.execution.execution_id,
                         self.execution.arn,
                         result.properties,
+                        result.metadata,
                     )
                 self._complete(node, record, result)
                 return
@@ -514,7 +515,8 @@ class _Run:
             Path(record.log_path or "."),
             f"cache hit: reusing {record.job_name} from execution {entry['PipelineExecutionId']}",
         )
-        self._complete(node, record, StepResult.succeeded(entry["Properties"]))
+        # The plots and reports the original job wrote stay in its execution's folder: show them.
+        self._complete(node, record, StepResult.succeeded(cached, **(entry.get("Metadata") or {})))
         return True
 
     # --- records ----------------------------------------------------------------------------------

@@ -416,6 +416,40 @@ def test_cache_hits_until_the_code_changes(home: Path, tmp_path: Path) -> None:
     assert fourth.status == "Succeeded" and runs() == 3
 
 
+EVALUATING = """
+    import json, os, pathlib
+    counter = pathlib.Path(os.environ["PROBE"]) / "runs"
+    counter.write_text(str(int(counter.read_text()) + 1 if counter.exists() else 1))
+    out = pathlib.Path(os.environ["SAGEMAKER_BASE_DIR"]) / "processing" / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    matrix = {"cat": {"cat": 3, "dog": 1}, "dog": {"cat": 0, "dog": 4}}
+    (out / "evaluation.json").write_text(json.dumps({KEY: {"confusion_matrix": matrix}}))
+"""
+
+
+def test_a_cached_step_still_shows_the_plots_its_original_job_drew(home: Path, tmp_path: Path) -> None:
+    from entrypoints import contract
+
+    step = processing_step(
+        home,
+        "Evaluate",
+        EVALUATING.replace("KEY", repr(contract.EVALUATION_METRICS_KEY)),
+        environment={"PROBE": str(tmp_path)},
+        outputs=[("evaluation", "/opt/ml/processing/evaluation", exec_output("evaluation"))],
+        CacheConfig={"Enabled": True, "ExpireAfter": "PT1H"},
+    )
+    first = run_pipeline(definition(step), {}, home, options=FAST)
+    second = run_pipeline(definition(step), {}, home, options=FAST)
+    assert (tmp_path / "runs").read_text() == "1", "the second run should have been served from the cache"
+    assert second.steps["Evaluate"].cache_hit == {"SourcePipelineExecutionArn": first.arn}
+
+    (drawn,) = first.steps["Evaluate"].metadata["Plots"]
+    assert drawn["Name"] == "confusion_matrix" and Path(drawn["Path"]).is_file()
+    assert second.steps["Evaluate"].metadata.get("Plots") == [drawn]
+    shown = format_execution(load_execution(home, second.execution_id))
+    assert f"confusion_matrix: {drawn['Path']}" in shown
+
+
 def test_invalid_input_is_one_clear_error_before_anything_runs(home: Path) -> None:
     step = copy_step(home, "Only", get("Parameters.Input"), "a")
     pipeline = definition(
