@@ -10,9 +10,11 @@ Failures carry a SageMaker exception type so that the step's RetryPolicies can m
 
     AlgorithmError                the job's own code failed (non-zero exit): never retried,
                                   as on SageMaker
-    SageMaker.JOB_INTERNAL_ERROR  the job process died from a signal the runner did not send
-                                  (e.g. the kernel's OOM killer): the closest local analogue of
-                                  an InternalServerError of the job's host
+    SageMaker.JOB_INTERNAL_ERROR  the job process died from a signal the runner did not send,
+                                  other than SIGKILL: the closest local analogue of an
+                                  InternalServerError of the job's host (SIGKILL, the kernel's
+                                  out-of-memory killer, is the job's own AlgorithmError, as the
+                                  exit code 137 it gives is on SageMaker)
     Step.SERVICE_FAULT            the local runtime failed around the job (copying inputs or
                                   outputs, an I/O error)
 """

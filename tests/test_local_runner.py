@@ -259,7 +259,9 @@ FLAKY = """
     print("attempt", attempts)
     if attempts < int(os.environ["SUCCEED_ON"]):
         if os.environ["HOW"] == "signal":
-            os.kill(os.getpid(), signal.SIGKILL)  # the host lost the job: an internal error
+            os.kill(os.getpid(), signal.SIGTERM)  # the host lost the job: an internal error
+        if os.environ["HOW"] == "oom":
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does: the job's fault
         sys.exit(1)  # the script's own failure: an AlgorithmError
 """
 
@@ -279,6 +281,7 @@ RETRY_INTERNAL = [
         ("signal", 2, "Succeeded", 2),  # retried once, then fine
         ("signal", 9, "Failed", 3),  # MaxAttempts (retries) exhausted: 1 + 2 attempts
         ("exit", 2, "Failed", 1),  # an AlgorithmError is never retried, as on SageMaker
+        ("oom", 2, "Failed", 1),  # SIGKILL (exit code 137 on SageMaker) would only strike again
     ],
 )
 def test_retry_policies(
@@ -300,6 +303,8 @@ def test_retry_policies(
     if status == "Failed":
         expected = "SageMaker.JOB_INTERNAL_ERROR" if how == "signal" else "AlgorithmError"
         assert record.metadata["FailureType"] == expected
+    if how == "oom":
+        assert "SIGKILL" in record.failure_reason and "out-of-memory" in record.failure_reason
 
 
 SLEEPER = """

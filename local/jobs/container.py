@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from local.handlers import StepFailure
+from local.handlers import ALGORITHM_ERROR, JOB_INTERNAL_ERROR, StepFailure
 from local.state import ProcessRef
 
 CONTAINER_ROOT = "/opt/ml"
@@ -101,6 +101,26 @@ class ChildOutcome:
     @property
     def succeeded(self) -> bool:
         return self.exit_code == 0 and self.ended_by is None
+
+    def signal_failure(self) -> tuple[str, str]:
+        """(reason, failure type) of a job whose process died from a signal the runner did not send.
+
+        SIGKILL is what the kernel's out-of-memory killer sends: SageMaker reports that as the
+        algorithm's failure (exit code 137), and retrying would only run out of memory again. Any
+        other signal came from outside the job, the nearest local analogue of a lost host.
+        """
+        number = self.signal
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        if number == signal.SIGKILL:
+            return (
+                f"AlgorithmError: the job's process was killed by {name} (exit code 137); the kernel's "
+                "out-of-memory killer ends processes this way: try a smaller batch size or image size",
+                ALGORITHM_ERROR,
+            )
+        return f"InternalServerError: the job's process was killed by {name}", JOB_INTERNAL_ERROR
 
 
 @dataclass

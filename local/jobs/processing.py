@@ -24,7 +24,6 @@ from local.files import extract_tarball, read_json, write_json_atomic
 from local.handlers import (
     ALGORITHM_ERROR,
     CLIENT_ERROR,
-    JOB_INTERNAL_ERROR,
     SERVICE_FAULT,
     STEP_ROLE_VARIABLE,
     StepContext,
@@ -219,9 +218,9 @@ def _failure(
         properties["FailureReason"] = reason
         return StepResult.failed(f"{reason}; log: {context.log_path}", ALGORITHM_ERROR, properties)
     if outcome.signal is not None:
-        reason = f"InternalServerError: the job's process was killed by signal {outcome.signal}"
+        reason, failure_type = outcome.signal_failure()
         properties["FailureReason"] = reason
-        return StepResult.failed(f"{reason}; log: {context.log_path}", JOB_INTERNAL_ERROR, properties)
+        return StepResult.failed(f"{reason}; log: {context.log_path}", failure_type, properties)
     detail = message or tail(context.log_path, 5) or "(no output)"
     reason = f"AlgorithmError: exit code {outcome.exit_code}: {detail}"
     properties["FailureReason"] = reason[:1024]

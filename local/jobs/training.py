@@ -39,7 +39,6 @@ from local.expressions import to_text
 from local.files import extract_tarball, read_json, tar_folder, walk_files, write_json_atomic
 from local.handlers import (
     ALGORITHM_ERROR,
-    JOB_INTERNAL_ERROR,
     SERVICE_FAULT,
     StepContext,
     StepFailure,
@@ -286,8 +285,8 @@ def _ending(
             extra={"max_runtime_exceeded": True},
         )
     if outcome.signal is not None:
-        reason = f"InternalServerError: the job's process was killed by signal {outcome.signal}"
-        return _failed(properties, metrics, reason, JOB_INTERNAL_ERROR, log_path)
+        reason, failure_type = outcome.signal_failure()
+        return _failed(properties, metrics, reason, failure_type, log_path)
     detail = _failure_file(job) or tail(log_path, 5) or "(no output)"
     return _failed(
         properties,
