@@ -1,6 +1,8 @@
 """The interface between the runner and the code that runs one kind of step.
 
-A handler has one method, `run(step, arguments, context) -> StepResult`: `step` is the step's
+A handler has one method, `run(step, arguments, context) -> StepResult` (and may have a second,
+`check(step)`, which the runner calls on every step before the run starts and which raises
+StepFailure for what the handler can never run): `step` is the step's
 JSON from the definition, `arguments` its Arguments with every expression resolved, `context`
 what the handler may use (store, job folder, log, stop signal). The runner keeps a dict
 {step type: handler}; later issues plug in RegisterModel / Endpoint / Debugger handlers by

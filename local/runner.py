@@ -160,7 +160,7 @@ class Runner:
 
     # --- entry points ------------------------------------------------------------------------
     def start(self, definition: dict, parameters: Mapping[str, Any], pipeline_name: str) -> Execution:
-        plan = Plan.build(definition)
+        plan = Plan.build(definition, self.handlers)
         values = resolve_parameters(definition, parameters)
         execution = self.executions.create(definition, pipeline_name, values)
         with _ExecutionLock(execution.folder):
@@ -173,7 +173,7 @@ class Runner:
         if execution.status == SUCCEEDED:
             raise ResumeError(f"execution {execution_id} already succeeded; start a new run instead")
         definition = self.executions.definition(execution_id)
-        plan = Plan.build(definition)
+        plan = Plan.build(definition, self.handlers)
         with _ExecutionLock(execution.folder, execution_id):
             execution = self.executions.load(execution_id)  # re-read under the lock
             for record in execution.steps.values():
@@ -206,7 +206,10 @@ class Plan:
     order: list[str]
 
     @classmethod
-    def build(cls, definition: Mapping[str, Any]) -> Plan:
+    def build(cls, definition: Mapping[str, Any], handlers: Mapping[str, StepHandler] | None = None) -> Plan:
+        """The steps in order, checked before anything runs: names, CacheConfig, and what each
+        step's handler can tell from the step alone (`check`), so that a run does not fail an
+        hour in on something that was wrong from the start."""
         nodes = build_graph(definition)
         order = topological_order(nodes)
         for node in nodes.values():
@@ -218,6 +221,12 @@ class Plan:
                 cache_settings(node.step)
             except CacheConfigError as error:
                 raise CacheConfigError(f"step {node.name!r}: {error}") from None
+            check = getattr((handlers or {}).get(node.type), "check", None)
+            if check is not None:
+                try:
+                    check(node.step)
+                except StepFailure as failure:
+                    raise GraphError(f"step {node.name!r}: {failure.reason}") from None
         return cls(nodes, order)
 
 

@@ -20,6 +20,7 @@ from test_local_support import (
     tuning_step,
 )
 
+from local.graph import GraphError
 from local.handlers import StepFailure
 from local.jobs.tuning import (
     MedianStopper,
@@ -30,6 +31,7 @@ from local.jobs.tuning import (
     trial_request,
 )
 from local.runner import RunOptions, run_pipeline
+from local.state import list_executions
 
 FAST = RunOptions(stop_grace_seconds=1.0, cores=2)
 
@@ -268,6 +270,16 @@ def test_tuning_config_errors(change: dict, words: str) -> None:
     with pytest.raises(StepFailure) as raised:
         parse_config({"HyperParameterTuningJobConfig": config, "TrainingJobDefinition": {}})
     assert words in raised.value.reason
+
+
+def test_a_strategy_the_local_tuner_lacks_is_refused_before_any_step_runs(home: Path, tmp_path: Path) -> None:
+    first = processing_step(home, "First", f"open({str(tmp_path / 'ran')!r}, 'w').close()")
+    tune = tuning_step(home, "Tune", "print('never')", strategy="Hyperband", ranges=RANGES,
+                       channels={"train": f"{BUCKET}/data/train"}, static={}, max_jobs=2)
+    with pytest.raises(GraphError) as raised:
+        run_pipeline(definition(first, dict(tune, DependsOn=["First"])), {}, home, options=FAST)
+    assert str(raised.value).startswith("step 'Tune': tuning strategy 'Hyperband' is not supported locally")
+    assert not (tmp_path / "ran").exists() and list_executions(home) == []
 
 
 def test_a_missing_metric_definition_fails_clearly(home: Path) -> None:

@@ -80,8 +80,9 @@ class TuningConfig:
     target_value: float | None = None
 
 
-def parse_config(arguments: dict) -> TuningConfig:
-    """The tuning settings of a CreateHyperParameterTuningJob request, validated."""
+def check_supported(arguments: dict) -> None:
+    """Raise StepFailure for a tuning request the local tuner cannot run (it may hold unresolved
+    expressions: only literal values are judged)."""
     if arguments.get("TrainingJobDefinitions"):
         raise StepFailure(
             "tuning over several TrainingJobDefinitions is not supported locally; "
@@ -89,12 +90,19 @@ def parse_config(arguments: dict) -> TuningConfig:
         )
     if "TrainingJobDefinition" not in arguments:
         raise StepFailure("the tuning request has no TrainingJobDefinition")
+    strategy = (arguments.get("HyperParameterTuningJobConfig") or {}).get("Strategy", "Bayesian")
+    if isinstance(strategy, str) and strategy not in STRATEGIES:
+        raise StepFailure(
+            f"tuning strategy {strategy!r} is not supported locally; use one of {', '.join(STRATEGIES)} "
+            "(strategy in [tuning] of kennel.toml; the aws target runs every strategy SageMaker has)"
+        )
+
+
+def parse_config(arguments: dict) -> TuningConfig:
+    """The tuning settings of a CreateHyperParameterTuningJob request, validated."""
+    check_supported(arguments)
     config = arguments.get("HyperParameterTuningJobConfig") or {}
     strategy = str(config.get("Strategy", "Bayesian"))
-    if strategy not in STRATEGIES:
-        raise StepFailure(
-            f"tuning strategy {strategy!r} is not supported locally; use one of {', '.join(STRATEGIES)}"
-        )
     objective = config.get("HyperParameterTuningJobObjective") or {}
     if not objective.get("MetricName"):
         raise StepFailure("HyperParameterTuningJobObjective.MetricName is required")
@@ -364,6 +372,9 @@ def trial_request(definition: dict, hyperparameters: dict[str, str]) -> dict[str
 
 
 class TuningHandler:
+    def check(self, step: dict) -> None:
+        check_supported(step.get("Arguments") or {})
+
     def run(self, step: dict, arguments: dict, context: StepContext) -> StepResult:
         config = parse_config(arguments)
         definition = arguments["TrainingJobDefinition"]
