@@ -405,7 +405,7 @@ def _print_execution(execution: Any) -> None:
         for step in execution.steps:
             if step.failure_reason:
                 print(f"  {step.name} failed: {step.failure_reason}")
-            if step.log_path and step.status != "Succeeded":
+            if step.log_path:
                 print(f"  {step.name} log: {step.log_path}")
             for line in step.details:
                 print(f"  {step.name}: {line}")

@@ -14,6 +14,7 @@ from test_local_support import BUCKET, definition, get, processing_step
 
 from local.files import PARTIAL_MARKER
 from local.runner import RunOptions, run_pipeline
+from local.state import load_execution
 from pipeline import cli
 from pipeline.errors import KennelError
 from pipeline.local_target import LocalTarget
@@ -150,7 +151,9 @@ def evaluate_then_check(home: Path) -> dict:
     return definition(evaluate, check, parameters=[{"Name": "Threshold", "Type": "Float", "DefaultValue": 1.0}])
 
 
-def test_a_run_ends_by_saying_where_the_results_are_and_what_to_do_next(target: LocalTarget) -> None:
+def test_a_run_ends_by_saying_where_the_results_are_and_what_to_do_next(
+    target: LocalTarget, capsys: pytest.CaptureFixture
+) -> None:
     pipeline = evaluate_then_check(target.home)
     options = RunOptions(stop_grace_seconds=1.0)
     evaluation = target.store.path_for(f"{BUCKET}/evaluation/evaluation.json")
@@ -163,6 +166,15 @@ def test_a_run_ends_by_saying_where_the_results_are_and_what_to_do_next(target: 
         "next: `kennel models` to see the registered package, `kennel approve --latest` to approve and deploy it",
     ]
     assert evaluation.is_file()
+
+    # `kennel status` names every step's log, a succeeded step's too: where to look for what it did.
+    cli._print_execution(target.status(passed.execution_id))
+    shown = capsys.readouterr().out
+    logs = {record.name: record.log_path for record in load_execution(target.home, passed.execution_id).steps.values()
+            if record.log_path}
+    assert "Evaluate" in logs and Path(logs["Evaluate"]).is_file()
+    for name, log in logs.items():
+        assert f"  {name} log: {log}" in shown
 
     # The Fail step ended it: resuming would fail the same way, so no resume hint and no approval hint.
     failed = target.to_status(run_pipeline(pipeline, {"Threshold": "0.5"}, target.home, options=options))
