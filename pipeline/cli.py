@@ -178,7 +178,8 @@ def cmd_upsert(args: argparse.Namespace, config: KennelConfig) -> int:
 def cmd_run(args: argparse.Namespace, config: KennelConfig) -> int:
     from pipeline.parameters import parse_overrides
 
-    parameters = parse_overrides(args.param)  # checked before anything is sent
+    # Checked before anything is sent, against the settings of the target the run goes to.
+    parameters = parse_overrides(args.param, config.for_target(_target_name(args, config)))
     target = _get_target(args, config)
     if args.resume:
         if parameters or args.data:

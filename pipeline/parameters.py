@@ -2,17 +2,19 @@
 
 `SPECS` is the single declaration: name, type, default (taken from the configuration) and what
 the parameter does. `declare` turns it into SageMaker SDK parameter objects for the definition;
-`parse_overrides` checks `kennel run --param Name=Value` against it before anything is sent, and
+`parse_overrides` checks `kennel run --param Name=Value` against it before anything is sent (its
+type, then the checks of the configuration setting it stands for), and
 README.md ("The pipeline parameters") describes the same table. Importing this module does not import the SDK.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import APPROVAL_STATUSES, ARCHITECTURES, FREEZE_MODES, KennelConfig
+from pipeline.config import APPROVAL_STATUSES, ARCHITECTURES, FREEZE_MODES, ConfigError, KennelConfig
 from pipeline.errors import KennelError
 
 Value = str | int | float
@@ -22,46 +24,53 @@ Value = str | int | float
 class ParameterSpec:
     name: str
     kind: str  # SageMaker's parameter type: String, Integer or Float
-    default: Callable[[KennelConfig], Value]
+    setting: str | None  # the configuration field it stands for: its default, and its checks
     help: str
     choices: tuple[str, ...] = ()
+    default_of: Callable[[KennelConfig], Value] | None = None  # when not simply the setting's value
+
+    def default(self, config: KennelConfig) -> Value:
+        if self.default_of is not None:
+            return self.default_of(config)
+        return getattr(config, str(self.setting))
 
 
 SPECS: tuple[ParameterSpec, ...] = (
-    ParameterSpec("InputDataUri", "String", lambda c: c.data_uri,
-                  "S3 prefix of the ImageFolder tree (class folders, optionally under train/valid/test)"),
-    ParameterSpec("ProcessingInstanceType", "String", lambda c: c.processing_instance_type,
+    ParameterSpec("InputDataUri", "String", "input_data_uri",
+                  "S3 prefix of the ImageFolder tree (class folders, optionally under train/valid/test)",
+                  default_of=lambda c: c.data_uri),
+    ParameterSpec("ProcessingInstanceType", "String", "processing_instance_type",
                   "instance type of the prepare and evaluate jobs"),
-    ParameterSpec("ProcessingInstanceCount", "Integer", lambda c: c.processing_instance_count,
+    ParameterSpec("ProcessingInstanceCount", "Integer", "processing_instance_count",
                   "instances per prepare/evaluate job"),
-    ParameterSpec("TrainingInstanceType", "String", lambda c: c.training_instance_type,
+    ParameterSpec("TrainingInstanceType", "String", "training_instance_type",
                   "instance type of every tuning trial and of the final training job"),
-    ParameterSpec("TrainingInstanceCount", "Integer", lambda c: c.training_instance_count,
+    ParameterSpec("TrainingInstanceCount", "Integer", "training_instance_count",
                   "instances of the final training job (torchrun across them); tuning trials use one each"),
-    ParameterSpec("MaxJobs", "Integer", lambda c: c.max_jobs,
+    ParameterSpec("MaxJobs", "Integer", "max_jobs",
                   "tuning trials in total (the tuning job's MaxNumberOfTrainingJobs)"),
-    ParameterSpec("MaxParallelJobs", "Integer", lambda c: c.max_parallel_jobs,
+    ParameterSpec("MaxParallelJobs", "Integer", "max_parallel_jobs",
                   "tuning trials running at once (MaxParallelTrainingJobs)"),
-    ParameterSpec("Architecture", "String", lambda c: c.architecture,
+    ParameterSpec("Architecture", "String", "architecture",
                   "pretrained backbone to fine-tune", ARCHITECTURES),
-    ParameterSpec("Freeze", "String", lambda c: c.freeze,
+    ParameterSpec("Freeze", "String", "freeze",
                   "which layers train: head only, the last block too, or none frozen", FREEZE_MODES),
-    ParameterSpec("ImageSize", "Integer", lambda c: c.image_size,
+    ParameterSpec("ImageSize", "Integer", "image_size",
                   "square input size in pixels for training, evaluation and serving"),
-    ParameterSpec("Epochs", "Integer", lambda c: c.epochs,
+    ParameterSpec("Epochs", "Integer", "epochs",
                   "most epochs a tuning trial may use; the final training uses the best trial's epochs"),
-    ParameterSpec("Seed", "Integer", lambda c: c.seed,
+    ParameterSpec("Seed", "Integer", "seed",
                   "seed for the data split and for training"),
-    ParameterSpec("TestLossThreshold", "Float", lambda c: c.test_loss_threshold,
+    ParameterSpec("TestLossThreshold", "Float", "test_loss_threshold",
                   "the model is registered and deployed only if its test loss is at most this"),
-    ParameterSpec("ModelApprovalStatus", "String", lambda c: "PendingManualApproval",
+    ParameterSpec("ModelApprovalStatus", "String", None,
                   "status of the registered model package; only Approved packages are deployed",
-                  APPROVAL_STATUSES),
-    ParameterSpec("EndpointName", "String", lambda c: c.endpoint_name,
+                  APPROVAL_STATUSES, default_of=lambda c: "PendingManualApproval"),
+    ParameterSpec("EndpointName", "String", "endpoint_name",
                   "endpoint the deploy step creates or updates"),
-    ParameterSpec("EndpointInstanceType", "String", lambda c: c.endpoint_instance_type,
+    ParameterSpec("EndpointInstanceType", "String", "endpoint_instance_type",
                   "instance type of the endpoint (also listed in the model package)"),
-    ParameterSpec("EndpointInstanceCount", "Integer", lambda c: c.endpoint_instance_count,
+    ParameterSpec("EndpointInstanceCount", "Integer", "endpoint_instance_count",
                   "endpoint instances"),
 )
 
@@ -99,9 +108,16 @@ def declare(config: KennelConfig) -> Parameters:
     return Parameters(objects)
 
 
-def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
-    """`Name=Value` pairs checked against the declared parameters, as the strings AWS expects."""
+def parse_overrides(pairs: Iterable[str], config: KennelConfig | None = None) -> dict[str, str]:
+    """`Name=Value` pairs checked against the declared parameters, as the strings AWS expects.
+
+    With `config` (the target's configuration), the values must also pass the checks of the
+    configuration settings they stand for (Epochs=0, an S3 URI without s3://, ... are refused here,
+    not minutes into a run); the error names the one override at fault, or all of them when only
+    their combination is wrong.
+    """
     overrides: dict[str, str] = {}
+    given: dict[str, str] = {}  # as typed, for the messages
     for pair in pairs:
         name, separator, value = pair.partition("=")
         name, value = name.strip(), value.strip()
@@ -111,8 +127,39 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
         if spec is None:
             known = ", ".join(SPECS_BY_NAME)
             raise KennelError(f"--param {name}: no such pipeline parameter; known: {known}")
-        overrides[name] = _check_value(spec, value)
+        overrides[name], given[name] = _check_value(spec, value), value
+    if config is not None:
+        _check_against_settings(config, overrides, given)
     return overrides
+
+
+def _check_against_settings(config: KennelConfig, overrides: dict[str, str], given: dict[str, str]) -> None:
+    settings = {
+        name: (spec.setting, _typed(spec, value))
+        for name, value in overrides.items()
+        if (spec := SPECS_BY_NAME[name]).setting is not None
+    }
+    error = _settings_error(config, dict(settings.values()))
+    if error is None:
+        return
+    for name, (setting, value) in settings.items():
+        alone = _settings_error(config, {setting: value})
+        if alone is not None:
+            raise KennelError(f"--param {name}={given[name]}: {alone}")
+    together = " ".join(f"{name}={given[name]}" for name in settings)
+    raise KennelError(f"--param {together}: {error}")
+
+
+def _typed(spec: ParameterSpec, text: str) -> Value:
+    return int(text) if spec.kind == "Integer" else float(text) if spec.kind == "Float" else text
+
+
+def _settings_error(config: KennelConfig, settings: dict[str, Value]) -> ConfigError | None:
+    try:
+        dataclasses.replace(config, **settings)  # runs the configuration's own checks
+    except ConfigError as error:
+        return error
+    return None
 
 
 def _check_value(spec: ParameterSpec, value: str) -> str:

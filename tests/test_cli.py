@@ -266,5 +266,35 @@ def test_targets_get_stand_ins_only_where_nothing_is_configured():
 def test_parameter_overrides_come_back_as_the_strings_aws_takes():
     from pipeline.parameters import parse_overrides
 
-    assert parse_overrides(["Epochs=3", "TestLossThreshold=0.5", "Architecture=resnet50", "EndpointName=a=b"]) == {
-        "Epochs": "3", "TestLossThreshold": "0.5", "Architecture": "resnet50", "EndpointName": "a=b"}
+    pairs = ["Epochs=3", "TestLossThreshold=0.5", "Architecture=resnet50", "InputDataUri=s3://b/k=v"]
+    expected = {"Epochs": "3", "TestLossThreshold": "0.5", "Architecture": "resnet50", "InputDataUri": "s3://b/k=v"}
+    assert parse_overrides(pairs) == expected
+    assert parse_overrides(pairs, repo_config().for_target("local")) == expected
+    # Alone, MaxParallelJobs=8 would exceed the configured MaxJobs; with MaxJobs=10 it does not.
+    assert parse_overrides(["MaxParallelJobs=8", "MaxJobs=10"], repo_config().for_target("local")) == {
+        "MaxParallelJobs": "8", "MaxJobs": "10"}
+
+
+@pytest.mark.parametrize(
+    ("pairs", "expected"),
+    [
+        (["Epochs=0"], "--param Epochs=0: epochs must be at least 1, got 0"),
+        (["MaxJobs=0"], "--param MaxJobs=0: max_jobs must be at least 1, got 0"),
+        (["ImageSize=4"], "--param ImageSize=4: image_size must be between 32 and 1024, got 4"),
+        (["TestLossThreshold=-1"], "--param TestLossThreshold=-1: test_loss_threshold must be positive"),
+        (["InputDataUri=/data/dogs"], "--param InputDataUri=/data/dogs: input_data_uri '/data/dogs' must be an s3:// URI"),
+        (["ProcessingInstanceType=big"], "processing_instance_type 'big' is not a SageMaker instance type"),
+        (["EndpointName=bad_name!"], "--param EndpointName=bad_name!: endpoint_name 'bad_name!' must be 1-63 letters"),
+        (["MaxParallelJobs=9"], "--param MaxParallelJobs=9: max_parallel_jobs must not exceed max_jobs"),
+        # Each alone is fine; together they contradict each other.
+        (["MaxJobs=3", "MaxParallelJobs=3", "MaxJobs=2"],
+         "--param MaxJobs=2 MaxParallelJobs=3: max_parallel_jobs must not exceed max_jobs"),
+    ],
+)
+def test_parameter_overrides_pass_the_checks_of_the_settings_they_stand_for(pairs, expected):
+    from pipeline.errors import KennelError
+    from pipeline.parameters import parse_overrides
+
+    with pytest.raises(KennelError) as raised:
+        parse_overrides(pairs, repo_config().for_target("local"))
+    assert expected in str(raised.value)
