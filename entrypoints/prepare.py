@@ -570,8 +570,13 @@ def prepare(args: argparse.Namespace) -> list[str]:
     plan = plan_splits(scan, args)
     classes = sorted(plan["train"])
     created_output = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".prepare-staging-", dir=output))
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".prepare-staging-", dir=output))
+    except OSError as error:
+        raise DatasetError(
+            f"--output {output}: cannot write there ({error.strerror or error}); choose a writable folder"
+        ) from None
     published = False
     try:
         total = sum(len(paths) for by_class in plan.values() for paths in by_class.values())

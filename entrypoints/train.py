@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -648,7 +649,27 @@ def run_epoch(epoch: int, parts: Parts, loaders: Loaders, freeze: str, ctx: Dist
     }
 
 
+def check_output_folders(args: argparse.Namespace) -> None:
+    """Fail at once, in one line, when a folder the main rank writes to is not writable, rather
+    than with a traceback after the first epoch (outside a container, /opt/ml usually is not)."""
+    for option, variable, folder in (
+        ("--model-dir", "SM_MODEL_DIR", args.model_dir),
+        ("--output-data-dir", "SM_OUTPUT_DATA_DIR", args.output_data_dir),
+        ("--checkpoint-dir", "KENNEL_CHECKPOINT_DIR", args.checkpoint_dir),
+    ):
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            raise UserError(
+                f"{option} {folder}: cannot write there ({error.strerror or error}); "
+                f"pass a writable folder with {option} or {variable}"
+            ) from None
+
+
 def train(args: argparse.Namespace, ctx: Distributed) -> None:
+    if ctx.is_main:
+        check_output_folders(args)
     torch.manual_seed(args.seed + ctx.rank)
     loaders = make_image_loaders(args, ctx)
     parts, source = make_parts(args, ctx, len(loaders.class_names))

@@ -398,6 +398,19 @@ def test_stop_conditions_fail_with_one_line_and_write_nothing(
     assert not output.exists()
 
 
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    source, blocker = tmp_path / "in", tmp_path / "a-file"
+    copy_sample(source, ["bag", "coat"], per_split=1)
+    blocker.write_text("not a folder")
+
+    result = run_prepare(tmp_path / "base", "--input", source, "--output", blocker / "out")
+
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line == f"prepare: --output {blocker / 'out'}: cannot write there (Not a directory); choose a writable folder"
+    assert blocker.read_text() == "not a folder"
+
+
 def test_refuses_a_non_empty_output_and_leaves_it_alone(tmp_path: Path) -> None:
     source, output = tmp_path / "in", tmp_path / "out"
     copy_sample(source, ["bag", "coat"], per_split=1)

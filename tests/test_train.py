@@ -234,6 +234,13 @@ def corrupt_image(job) -> list[str]:
     ]
 
 
+def unwritable_model_dir(job) -> list[str]:
+    """A model folder that can never be created (under a file): refused before training starts."""
+    blocker = job.root.parent / "a-file"
+    blocker.write_text("not a folder")
+    return ["--model-dir", str(blocker / "model")]
+
+
 @pytest.mark.parametrize(
     ("make_args", "says"),
     [
@@ -248,6 +255,7 @@ def corrupt_image(job) -> list[str]:
         (corrupt_image, "corrupt: image file is truncated; remove it"),
         (lambda job: ["--epochs", "0"], "--epochs 0: must be greater than 0"),
         (lambda job: ["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+        (unwritable_model_dir, "cannot write there (Not a directory); pass a writable folder with --model-dir"),
     ],
     ids=[
         "unknown-arch",
@@ -261,6 +269,7 @@ def corrupt_image(job) -> list[str]:
         "corrupt",
         "zero",
         "unknown",
+        "unwritable-model-dir",
     ],
 )
 def test_user_errors_end_in_one_line_and_the_failure_file(train_job, make_args, says) -> None:
