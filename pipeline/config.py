@@ -342,5 +342,6 @@ def _validate_numbers(config: KennelConfig) -> None:
     _check(config.weight_decay >= 0 and 0 <= config.label_smoothing < 1,
            "weight_decay must be >= 0 and label_smoothing in [0, 1)")
     for name in ("valid_fraction", "test_fraction"):
-        _check(0 <= getattr(config, name) < 1, f"{name} must be in [0, 1), got {getattr(config, name)}")
+        # prepare.py needs images in every split: a fraction of 0 would leave one empty.
+        _check(0 < getattr(config, name) < 1, f"{name} must be between 0 and 1, got {getattr(config, name)}")
     _check(config.valid_fraction + config.test_fraction < 1, "valid_fraction + test_fraction must be < 1")

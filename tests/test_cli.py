@@ -242,6 +242,7 @@ def test_kennel_config_names_the_file(tmp_path, monkeypatch):
     ("[aws]\nrole_arn = \"my-role\"\n", "role_arn 'my-role' is not an IAM role ARN"),
     ("[aws]\nbucket = \"s3://b\"\n", "bucket 's3://b' is not an S3 bucket name"),
     ("[tuning]\nmax_jobs = 2\nmax_parallel_jobs = 3\n", "max_parallel_jobs must not exceed max_jobs"),
+    ("[training]\ntest_fraction = 0\n", "test_fraction must be between 0 and 1, got 0"),
     ("[aws\n", "not valid TOML"),
 ])
 def test_bad_settings_are_named_with_their_fix(tmp_path, text, expected):
