@@ -351,25 +351,39 @@ class AwsTarget:
         return lines
 
     def _fetch_profiler_report(self, job: Mapping[str, Any]) -> str:
-        """Where SageMaker's ProfilerReport rule writes its HTML, copied under the state folder."""
+        """The HTML the ProfilerReport rule wrote, copied under the state folder once the rule is done.
+
+        Where it lies (profiler_report_prefix): under the rule's own S3OutputPath when its
+        configuration sets one, otherwise under the training job's OutputDataConfig.S3OutputPath
+        (AWS: `<output path>/<job>/rule-output/<rule configuration name>/profiler-output/`), not under
+        ProfilerConfig.S3OutputPath, which holds the profiler's metrics only.
+        """
         from botocore.exceptions import ClientError
 
-        done = any(s.get("RuleConfigurationName") == "ProfilerReport"
-                   and s.get("RuleEvaluationStatus") in ("NoIssuesFound", "IssuesFound")
-                   for s in job.get("ProfilerRuleEvaluationStatuses") or [])
-        output = (job.get("ProfilerConfig") or {}).get("S3OutputPath")
-        if not done or not output:
+        rule = profiler_report_rule(job)
+        done = rule is not None and any(
+            s.get("RuleConfigurationName") == rule["RuleConfigurationName"]
+            and s.get("RuleEvaluationStatus") in ("NoIssuesFound", "IssuesFound")
+            for s in job.get("ProfilerRuleEvaluationStatuses") or [])
+        prefix = profiler_report_prefix(job, rule) if done else ""
+        if not prefix:
             return ""
         name = job["TrainingJobName"]
-        bucket, _, prefix = output.removeprefix("s3://").partition("/")
-        key = "/".join(p for p in (prefix.strip("/"), name, REPORT_KEY) if p)
         target = resolve_home() / "aws-reports" / name / "profiler-report.html"
-        if not target.exists():
-            try:
-                body = self.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
-            except ClientError as error:
-                return f"s3://{bucket}/{key} (not fetched: {error})"
-            write_bytes_atomic(target, body)
+        if target.exists():
+            return str(target)
+        bucket, _, key_prefix = prefix.removeprefix("s3://").partition("/")
+        s3 = self.client("s3")
+        try:
+            keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix)
+                    for item in page.get("Contents", []) if item["Key"].endswith(REPORT_KEY)]
+            if not keys:
+                return f"not found under {prefix}"
+            key = min(keys, key=len)
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as error:
+            return f"{prefix} (not fetched: {error})"
+        write_bytes_atomic(target, body)
         return str(target)
 
     # --- registry -----------------------------------------------------------------------------
@@ -476,8 +490,41 @@ def _log_changes(execution: ExecutionStatus, seen: dict[str, str]) -> None:
             log.info("%s: %s", name, status)
 
 
-# Where the ProfilerReport rule writes its report, under ProfilerConfig.S3OutputPath/<job>/.
-REPORT_KEY = "rule-output/ProfilerReport/profiler-output/profiler-report.html"
+# The ProfilerReport rule's HTML, under its rule output folder.
+REPORT_KEY = "profiler-output/profiler-report.html"
+PROFILER_REPORT_RULE = "ProfilerReport"
+
+
+def profiler_report_rule(job: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The job's ProfilerReport rule configuration (DescribeTrainingJob's ProfilerRuleConfigurations),
+    found by the rule it invokes: the name is free (the v2 SDK named it ProfilerReport-<timestamp>)."""
+    configurations = job.get("ProfilerRuleConfigurations") or []
+    for configuration in configurations:
+        if (configuration.get("RuleParameters") or {}).get("rule_to_invoke") == PROFILER_REPORT_RULE:
+            return dict(configuration)
+    for configuration in configurations:
+        if str(configuration.get("RuleConfigurationName", "")).startswith(PROFILER_REPORT_RULE):
+            return dict(configuration)
+    # A job described without its configurations: the statuses still name the rule.
+    for status in job.get("ProfilerRuleEvaluationStatuses") or []:
+        if str(status.get("RuleConfigurationName", "")).startswith(PROFILER_REPORT_RULE):
+            return {"RuleConfigurationName": status["RuleConfigurationName"]}
+    return None
+
+
+def profiler_report_prefix(job: Mapping[str, Any], rule: Mapping[str, Any]) -> str:
+    """The S3 prefix under which the ProfilerReport rule writes `REPORT_KEY`.
+
+    AWS documents the default: `<OutputDataConfig.S3OutputPath>/<job>/rule-output/<rule name>/`.
+    A rule configuration with its own S3OutputPath writes there instead.
+    """
+    explicit = str(rule.get("S3OutputPath") or "")
+    if explicit:
+        return explicit.rstrip("/") + "/"
+    output = str((job.get("OutputDataConfig") or {}).get("S3OutputPath") or "")
+    if not output:
+        return ""
+    return "/".join([output.rstrip("/"), job["TrainingJobName"], "rule-output", rule["RuleConfigurationName"], ""])
 
 
 def _newest(summaries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -260,52 +260,122 @@ def test_endpoints_show_the_served_version_and_stop_deletes(upserted):
     assert upserted.endpoints() == []
 
 
-def test_status_shows_rule_statuses_and_fetches_the_profiler_report(upserted, monkeypatch, tmp_path):
-    """moto lists no execution steps and keeps no rule statuses: those answers come from a Stubber
-    (checked against botocore's shapes); the report itself is a real object in moto's S3."""
+def described_training_job(job: str, arguments: dict, **extra) -> dict:
+    """DescribeTrainingJob as AWS answers for a job started from `arguments` (the step's request):
+    the request's Debugger and output settings come back as given; an unset rule S3OutputPath stays
+    absent and VolumeSizeInGB reads 0 (as in real responses)."""
     from datetime import datetime
 
+    profiler_rules = [{key: value for key, value in rule.items() if key != "InstanceType"} | {"VolumeSizeInGB": 0}
+                      for rule in arguments["ProfilerRuleConfigurations"]]
+    return {
+        "TrainingJobName": job, "TrainingJobArn": TRAINING_JOB_ARN + job,
+        "ModelArtifacts": {"S3ModelArtifacts": f"{arguments['OutputDataConfig']['S3OutputPath']}/{job}/output/model.tar.gz"},
+        "TrainingJobStatus": "Completed", "SecondaryStatus": "Completed",
+        "AlgorithmSpecification": {"TrainingInputMode": "File", "TrainingImage": "image"},
+        "OutputDataConfig": arguments["OutputDataConfig"],
+        "ResourceConfig": {"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
+        "StoppingCondition": {"MaxRuntimeInSeconds": 3600}, "CreationTime": datetime(2026, 11, 22),
+        "DebugHookConfig": arguments["DebugHookConfig"], "ProfilerConfig": arguments["ProfilerConfig"],
+        "ProfilerRuleConfigurations": profiler_rules, "ProfilingStatus": "Enabled", **extra,
+    }
+
+
+TRAINING_JOB_ARN = "arn:aws:sagemaker:us-east-1:123456789012:training-job/"
+RULE_STATUSES = {
+    "DebugRuleEvaluationStatuses": [
+        {"RuleConfigurationName": "LossNotDecreasing", "RuleEvaluationStatus": "IssuesFound",
+         "StatusDetails": "RuleEvaluationConditionMet: loss did not decrease"},
+        {"RuleConfigurationName": "Overfit", "RuleEvaluationStatus": "NoIssuesFound"}],
+    "ProfilerRuleEvaluationStatuses": [
+        {"RuleConfigurationName": "ProfilerReport", "RuleEvaluationStatus": "NoIssuesFound"},
+        {"RuleConfigurationName": "LowGPUUtilization", "RuleEvaluationStatus": "NoIssuesFound"}],
+}
+
+
+def status_with_training_job(target: AwsTarget, described: dict, monkeypatch):
+    """`kennel status` of a new execution whose TrainWithDebugger step ran the job `described`.
+    moto lists no execution steps and keeps no rule statuses: those answers come from a Stubber
+    (checked against botocore's shapes); S3 is moto's."""
     from botocore.stub import Stubber
 
-    monkeypatch.setenv("KENNEL_HOME", str(tmp_path / ".kennel"))
-    execution = upserted.start({}, wait=False)
-    job, arn = "pipelines-abc-TrainWithDebugger", "arn:aws:sagemaker:us-east-1:123456789012:training-job/"
-    report_key = f"kennel/profiler/{job}/rule-output/ProfilerReport/profiler-output/profiler-report.html"
-    boto3.client("s3", region_name=REGION).put_object(Bucket=BUCKET, Key=report_key, Body=b"<html>report</html>")
-
-    client = upserted.client("sagemaker")
+    execution = target.start({}, wait=False)
+    client = target.client("sagemaker")
     stub = Stubber(client)
     pipeline_arn = sagemaker().describe_pipeline(PipelineName="kennel")["PipelineArn"]
     stub.add_response("describe_pipeline", {"PipelineArn": pipeline_arn})
     stub.add_response("describe_pipeline_execution", {"PipelineExecutionStatus": "Executing"})
     stub.add_response("list_pipeline_execution_steps", {"PipelineExecutionSteps": [
         {"StepName": "TrainWithDebugger", "StepStatus": "Succeeded",
-         "Metadata": {"TrainingJob": {"Arn": arn + job}}}]})
-    statuses = {"DebugRuleEvaluationStatuses": [
-        {"RuleConfigurationName": "LossNotDecreasing", "RuleEvaluationStatus": "IssuesFound",
-         "StatusDetails": "RuleEvaluationConditionMet: loss did not decrease"},
-        {"RuleConfigurationName": "Overfit", "RuleEvaluationStatus": "NoIssuesFound"}],
-        "ProfilerRuleEvaluationStatuses": [
-        {"RuleConfigurationName": "ProfilerReport", "RuleEvaluationStatus": "NoIssuesFound"}]}
-    stub.add_response("describe_training_job", {
-        "TrainingJobName": job, "TrainingJobArn": arn + job, "ModelArtifacts": {"S3ModelArtifacts": "s3://b/m"},
-        "TrainingJobStatus": "Completed", "SecondaryStatus": "Completed",
-        "AlgorithmSpecification": {"TrainingInputMode": "File", "TrainingImage": "image"},
-        "ResourceConfig": {"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
-        "StoppingCondition": {"MaxRuntimeInSeconds": 3600}, "CreationTime": datetime(2026, 11, 22),
-        "ProfilerConfig": {"S3OutputPath": f"s3://{BUCKET}/kennel/profiler"}, **statuses},
-        {"TrainingJobName": job})
+         "Metadata": {"TrainingJob": {"Arn": described["TrainingJobArn"]}}}]})
+    stub.add_response("describe_training_job", described, {"TrainingJobName": described["TrainingJobName"]})
     stub.add_response("list_pipeline_parameters_for_execution", {"PipelineParameters": []})
-    s3 = upserted.client("s3")
-    monkeypatch.setattr(upserted, "client", lambda service: client if service == "sagemaker" else s3)
+    s3 = target.client("s3")
+    monkeypatch.setattr(target, "client", lambda service: client if service == "sagemaker" else s3)
     with stub:
-        status = upserted.status(execution.execution_id)
+        status = target.status(execution.execution_id)
     stub.assert_no_pending_responses()
     (step,) = status.steps
+    return step
+
+
+def train_arguments(target: AwsTarget) -> dict:
+    definition = json.loads(sagemaker().describe_pipeline(PipelineName="kennel")["PipelineDefinition"])
+    return next(step for step in definition["Steps"] if step["Name"] == "TrainWithDebugger")["Arguments"]
+
+
+def test_status_shows_rule_statuses_and_fetches_the_profiler_report(upserted, monkeypatch, tmp_path):
+    """The report is where AWS documents it: <OutputDataConfig.S3OutputPath>/<job>/rule-output/
+    <rule configuration name>/profiler-output/, for the job the upserted definition starts."""
+    monkeypatch.setenv("KENNEL_HOME", str(tmp_path / ".kennel"))
+    job = "pipelines-abc123-TrainWithDebugger-x1Y2z3"
+    arguments = train_arguments(upserted)
+    assert "S3OutputPath" not in next(r for r in arguments["ProfilerRuleConfigurations"]
+                                      if r["RuleConfigurationName"] == "ProfilerReport")
+    output = arguments["OutputDataConfig"]["S3OutputPath"]
+    assert output != arguments["ProfilerConfig"]["S3OutputPath"]  # the report is not under the profiler's path
+    s3 = boto3.client("s3", region_name=REGION)
+    report = f"{output}/{job}/rule-output/ProfilerReport/profiler-output/profiler-report.html"
+    s3.put_object(Bucket=BUCKET, Key=report.removeprefix(f"s3://{BUCKET}/"), Body=b"<html>report</html>")
+    # What the profiler itself writes under ProfilerConfig.S3OutputPath: metrics, never the report.
+    metrics = f"{arguments['ProfilerConfig']['S3OutputPath']}/{job}/profiler-output/system/incremental/1.algo-1.json"
+    s3.put_object(Bucket=BUCKET, Key=metrics.removeprefix(f"s3://{BUCKET}/"), Body=b"{}")
+
+    step = status_with_training_job(upserted, described_training_job(job, arguments, **RULE_STATUSES), monkeypatch)
     assert step.details[0] == ("Debugger rule LossNotDecreasing: IssuesFound - RuleEvaluationConditionMet: "
                                "loss did not decrease")
     assert step.details[1] == "Debugger rule Overfit: NoIssuesFound"
     assert step.details[2] == "profiler rule ProfilerReport: NoIssuesFound"
     fetched = tmp_path / ".kennel" / "aws-reports" / job / "profiler-report.html"
-    assert step.details[3] == f"profiler report: {fetched}"
+    assert step.details[4] == f"profiler report: {fetched}"
     assert fetched.read_bytes() == b"<html>report</html>"
+
+
+def test_a_profiler_rule_with_its_own_output_path_is_read_there(upserted, monkeypatch, tmp_path):
+    """A ProfilerReport rule configured with an S3OutputPath (and named the v2 SDK's way) writes there."""
+    monkeypatch.setenv("KENNEL_HOME", str(tmp_path / ".kennel"))
+    job = "pipelines-def456-TrainWithDebugger-a9B8c7"
+    arguments = train_arguments(upserted)
+    own = f"s3://{BUCKET}/reports/elsewhere"
+    for rule in arguments["ProfilerRuleConfigurations"]:
+        if rule["RuleConfigurationName"] == "ProfilerReport":
+            rule.update(RuleConfigurationName="ProfilerReport-1764000000", S3OutputPath=own)
+    statuses = {"ProfilerRuleEvaluationStatuses": [
+        {"RuleConfigurationName": "ProfilerReport-1764000000", "RuleEvaluationStatus": "IssuesFound"}]}
+    boto3.client("s3", region_name=REGION).put_object(
+        Bucket=BUCKET, Key="reports/elsewhere/profiler-output/profiler-report.html", Body=b"<html>own</html>")
+
+    step = status_with_training_job(upserted, described_training_job(job, arguments, **statuses), monkeypatch)
+    fetched = tmp_path / ".kennel" / "aws-reports" / job / "profiler-report.html"
+    assert step.details == ["profiler rule ProfilerReport-1764000000: IssuesFound", f"profiler report: {fetched}"]
+    assert fetched.read_bytes() == b"<html>own</html>"
+
+
+def test_a_report_not_written_yet_is_said_not_raised(upserted, monkeypatch, tmp_path):
+    monkeypatch.setenv("KENNEL_HOME", str(tmp_path / ".kennel"))
+    job = "pipelines-ghi789-TrainWithDebugger-q1W2e3"
+    arguments = train_arguments(upserted)
+    step = status_with_training_job(upserted, described_training_job(job, arguments, **RULE_STATUSES), monkeypatch)
+    output = arguments["OutputDataConfig"]["S3OutputPath"]
+    assert step.details[-1] == f"profiler report: not found under {output}/{job}/rule-output/ProfilerReport/"
+    assert not (tmp_path / ".kennel" / "aws-reports" / job).exists()
