@@ -20,10 +20,23 @@ from typing import Any
 PARTIAL_MARKER = ".kennel-partial-"
 
 
+def _new_file_mode() -> int:
+    """The mode open() would give a new file (0666 less the umask); mkstemp's own is 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _temp_sibling(target: Path) -> tuple[int, str]:
+    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}{PARTIAL_MARKER}", dir=target.parent)
+    os.fchmod(fd, _new_file_mode())
+    return fd, temp_name
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary sibling and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL_MARKER}", dir=path.parent)
+    fd, temp_name = _temp_sibling(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -38,7 +51,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def copy_file_atomic(source: Path, target: Path) -> None:
     """Copy `source` to `target` through a temporary sibling and a rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}{PARTIAL_MARKER}", dir=target.parent)
+    fd, temp_name = _temp_sibling(target)
     try:
         with os.fdopen(fd, "wb") as out, source.open("rb") as src:
             while chunk := src.read(1 << 20):
@@ -83,7 +96,7 @@ def tar_folder(folder: Path, target: Path) -> None:
     container unpacks it straight into /opt/ml/model, so the layout must match.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}{PARTIAL_MARKER}", dir=target.parent)
+    fd, temp_name = _temp_sibling(target)
     os.close(fd)
     try:
         with tarfile.open(temp_name, "w:gz", compresslevel=6) as archive:

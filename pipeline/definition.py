@@ -206,14 +206,6 @@ def check_output_path(path: Path) -> Path:
 
 def write_json(document: dict[str, Any], path: Path) -> None:
     """Write `document` to `path` whole or not at all (temp file, then rename)."""
-    path = check_output_path(path)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(document, stream, indent=2, sort_keys=False)
-            stream.write("\n")
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
+    from local.files import write_json_atomic
+
+    write_json_atomic(check_output_path(path), document)

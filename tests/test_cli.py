@@ -68,6 +68,7 @@ def test_definition_is_written_offline_without_credentials(tmp_path):
     assert [step["Name"] for step in definition["Steps"]] == [
         "PrepareData", "Tune", "TrainWithDebugger", "Evaluate", "CheckTestLoss"]
     assert not list(tmp_path.glob(".definition.json.*"))  # no temp file left behind
+    assert output.stat().st_mode & 0o044, "readable by others as any file the user writes (umask 022)"
 
 
 def test_definition_for_aws_goes_to_stdout_as_pure_json(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import stat
 import tarfile
 import time
 from datetime import timedelta
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from local.cache import CacheConfigError, StepCache, cache_key, parse_duration
-from local.files import write_json_atomic
+from local.files import copy_file_atomic, tar_folder, write_json_atomic
 from local.home import HOME_VARIABLE, resolve_home
 from local.state import ExecutionStore, StateError, StepRecord, list_executions, load_execution
 from local.store import ObjectStore, StoreError, import_objects, tree_digest
@@ -107,6 +109,19 @@ def test_writes_are_atomic_and_leave_no_partial_files(store: ObjectStore, tmp_pa
     # A partial write (simulated: a temp file left by a killed writer) is never listed.
     (tmp_path / "s3" / "bucket" / ".k.bin.kennel-partial-abc").write_bytes(b"half")
     assert [item.uri.key for item in store.list_prefix("s3://bucket/")] == ["k.bin"]
+
+
+def test_atomic_writes_give_files_the_mode_open_would(tmp_path: Path) -> None:
+
+    previous = os.umask(0o027)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"a": 1})
+        copy_file_atomic(tmp_path / "a.json", tmp_path / "b.json")
+        tar_folder(tmp_path, tmp_path / "out" / "c.tar.gz")
+    finally:
+        os.umask(previous)
+    for name in ("a.json", "b.json", "out/c.tar.gz"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name  # not mkstemp's 0600
 
 
 def test_versioned_tree_is_content_addressed(store: ObjectStore, tmp_path: Path) -> None:
