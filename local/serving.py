@@ -10,6 +10,10 @@ Routes (SageMaker's container contract, and the runtime API path that boto3's
     POST /invocations                one request through entrypoints/inference.py's `handle`
     POST /endpoints/NAME/invocations the same (another NAME: 404)
 
+Bound to a loopback address (the default), it answers only requests whose Host names loopback
+(127.0.0.1, localhost, [::1], any port, as boto3 and urllib send it) or that carry no Host: a web
+page that rebinds its own DNS name to 127.0.0.1 sends that name, and is refused (403).
+
 A body whose Content-Length is over the limit is answered 413 without being buffered (what the
 client still sends is read and discarded, briefly, so that it sees the answer instead of a reset);
 a client that sends `Expect: 100-continue` gets the 413 before sending anything.
@@ -37,6 +41,7 @@ inference.configure_threads.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -53,7 +58,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from entrypoints.contract import MAX_PAYLOAD_BYTES
 from local import endpoints
@@ -73,6 +78,7 @@ DRAIN_LIMIT_S = 5.0  # how long an over-limit body is read and discarded before 
 IDLE_CONNECTION_S = 120.0  # keep-alive connections idle longer than this are closed
 RECORD_WAIT_S = 60.0
 SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 Handle = Callable[[Any, bytes, str | None, str | None], tuple[int, bytes, str]]
 
@@ -106,6 +112,34 @@ class RequestRefused(Exception):
     def __init__(self, status: int, kind: str, message: str, discard: int = 0) -> None:
         super().__init__(message)
         self.status, self.kind, self.message, self.discard = status, kind, message, discard
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def check_host(headers: Any, loopback_only: bool) -> None:
+    """RequestRefused (403) for a Host that does not name loopback, on a loopback-bound server.
+
+    A page that rebinds its DNS name to 127.0.0.1 makes the browser send that name as Host; every
+    client that means this server (boto3, urllib, curl on the recorded URL) sends a loopback one."""
+    host = headers.get("Host")
+    if not loopback_only or host is None:
+        return
+    try:
+        name = urlsplit("//" + host.strip()).hostname
+    except ValueError:
+        name = None
+    if name not in LOOPBACK_NAMES:
+        raise RequestRefused(
+            HTTPStatus.FORBIDDEN,
+            "forbidden_host",
+            f"Host {host!r} is not this endpoint server: send requests to 127.0.0.1 "
+            f"(`kennel endpoints` shows the URL)",
+        )
 
 
 def content_length(headers: Any, limit: int) -> int:
@@ -158,6 +192,7 @@ class EndpointServer(ThreadingHTTPServer):
         super().__init__(address, RequestHandler)
         self.endpoint_name = endpoint_name
         self.max_payload_bytes = max_payload_bytes
+        self.loopback_only = is_loopback(str(self.server_address[0]))
         self.served: Served | None = None
         self.handle: Handle | None = None  # inference.handle, once torch is imported
         self._in_flight = 0
@@ -187,7 +222,19 @@ class RequestHandler(BaseHTTPRequestHandler):
     # Small responses on kept-alive connections: without this, delayed ACKs add ~40 ms stalls.
     disable_nagle_algorithm = True
 
+    def host_refused(self) -> bool:
+        """Answer 403 (and close: a body stays unread) when the Host is foreign."""
+        try:
+            check_host(self.headers, self.server.loopback_only)
+        except RequestRefused as refused:
+            self.close_connection = True
+            self.refuse(refused)
+            return True
+        return False
+
     def do_GET(self) -> None:
+        if self.host_refused():
+            return
         where = route(self.path, self.server.endpoint_name)
         if where == PING:
             if self.server.served is None:
@@ -208,6 +255,8 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         with self.server.request_in_flight():
+            if self.host_refused():
+                return
             where = route(self.path, self.server.endpoint_name)
             try:
                 length = content_length(self.headers, self.server.max_payload_bytes)
@@ -259,6 +308,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self) -> bool:
         try:
+            check_host(self.headers, self.server.loopback_only)
             content_length(self.headers, self.server.max_payload_bytes)
         except RequestRefused as refused:
             # The client waits for our go-ahead before sending the body: refuse and close, nothing to discard.

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 from serving_support import (
@@ -48,6 +49,10 @@ def test_start_records_a_detached_server_on_127_0_0_1(kennel_home: Path, tarball
     assert deployed.action == "created"
     assert endpoint.status == IN_SERVICE
     assert urlsplit(endpoint.url).hostname == "127.0.0.1" and urlsplit(endpoint.url).port
+    # The socket itself, not only the recorded URL: nothing but this machine can connect.
+    listening = [(c.laddr.ip, c.laddr.port) for c in psutil.Process(endpoint.pid).net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening == [("127.0.0.1", urlsplit(endpoint.url).port)]
     assert endpoint.model_package_arn == package["ModelPackageArn"] and endpoint.model_package_version == 1
     assert Path(endpoint.log_path).is_file()
     assert [process.pid for process in server_processes(kennel_home)] == [endpoint.pid]

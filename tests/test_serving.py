@@ -274,6 +274,49 @@ def test_an_oversized_body_announced_with_expect_100_is_refused_before_it_is_sen
     assert good == 200
 
 
+def request_with_host(server, method: str, path: str, host: str, body: bytes | None = None) -> tuple[int, dict]:
+    parts = urlsplit(server.url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        headers = {"Host": host, "Content-Type": "image/png"} if body else {"Host": host}
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_foreign_host_is_refused_and_loopback_names_are_answered(server) -> None:
+    """A web page that rebinds its DNS name to 127.0.0.1 sends its own name as Host: refused.
+    What clients of this server send (boto3 and urllib send 127.0.0.1:PORT) is answered."""
+    port = urlsplit(server.url).port
+    png = sample_png("bag")
+    for host in (f"rebind.example:{port}", "rebind.example", f"127.0.0.1.rebind.example:{port}"):
+        status, answer = request_with_host(server, "GET", "/ping", host)
+        assert (status, answer["error"]) == (403, "forbidden_host"), host
+        status, answer = request_with_host(server, "POST", f"/endpoints/{ENDPOINT}/invocations", host, png)
+        assert (status, answer["error"]) == (403, "forbidden_host"), host
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1"):
+        assert request_with_host(server, "POST", "/invocations", host, png)[0] == 200, host
+        assert request_with_host(server, "GET", "/ping", host)[0] == 200, host
+
+
+@pytest.mark.parametrize(
+    ("host", "refused"),
+    [(None, False), ("127.0.0.1:8080", False), ("[::1]:8080", False), ("LOCALHOST", False),
+     ("evil.example:8080", True), ("[::1", True), ("", True)],
+)
+def test_check_host(host: str | None, refused: bool) -> None:
+    given = headers(Host=host) if host is not None else headers()
+    if refused:
+        with pytest.raises(serving.RequestRefused) as error:
+            serving.check_host(given, loopback_only=True)
+        assert error.value.status == 403
+    else:
+        serving.check_host(given, loopback_only=True)
+    serving.check_host(given, loopback_only=False)  # bound beyond loopback: not checked
+
+
 # --- life cycle of the process itself --------------------------------------------------------------
 
 
