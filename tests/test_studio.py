@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+from serving_support import not_a_tarball, register
 
+from local import endpoints
 from local.files import write_json_atomic
 from local.progress import LIVE_RULE_STATUSES
+from local.registry import APPROVED, PENDING, REJECTED, LocalRegistry
 from local.state import EXECUTING, FAILED, SUCCEEDED, ExecutionStore, StepRecord, current_process, now
-from local.studio.server import StudioServer
+from local.studio.server import DEFAULT_GROUP, StudioServer, interface_addresses
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOSTILE_LINE = '<script>alert("pwned")</script><img src=x onerror="alert(1)"> & done'
@@ -61,6 +67,7 @@ class Studio:
     def __init__(self, home: Path, server: StudioServer) -> None:
         self.home, self.server = home, server
         self.port = server.httpd.server_address[1]
+        self.origin = f"http://127.0.0.1:{self.port}"
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -76,6 +83,13 @@ class Studio:
         status, _, body = self.request("GET", path)
         assert status == 200, body
         return json.loads(body)
+
+    def decide(self, verb: str, group: str, version: int) -> tuple[int, dict[str, Any]]:
+        """What the page sends for Approve / Reject."""
+        body = json.dumps({"Group": group, "Version": version, "Reason": "test"}).encode()
+        status, _, answer = self.request("POST", f"/api/registry/{verb}", body,
+                                         {"Content-Type": "application/json", "Origin": self.origin})
+        return status, json.loads(answer)
 
 
 def _write_state(home: Path) -> str:
@@ -135,11 +149,9 @@ def test_cross_origin_post_is_refused(studio: tuple[Studio, str], header: str) -
 
 def test_same_origin_post_reaches_the_registry_and_form_posts_are_refused(studio: tuple[Studio, str]) -> None:
     client, _ = studio
-    origin = f"http://127.0.0.1:{client.port}"
-    body = json.dumps({"Group": "no-such-group", "Version": 1}).encode()
-    status, _, answer = client.request("POST", "/api/registry/reject", body,
-                                       {"Content-Type": "application/json", "Origin": origin})
-    assert status == 404 and "no-such-group" in json.loads(answer)["Error"]
+    origin = client.origin
+    status, answer = client.decide("reject", DEFAULT_GROUP, 7)
+    assert status == 404 and DEFAULT_GROUP in answer["Error"]
     # What a plain HTML form can send: refused before anything is read or changed.
     status, _, _ = client.request("POST", "/api/registry/approve", b"Group=g&Version=1",
                                   {"Content-Type": "application/x-www-form-urlencoded", "Origin": origin})
@@ -161,6 +173,112 @@ def test_a_foreign_host_name_is_refused(studio: tuple[Studio, str]) -> None:
     client, _ = studio
     status, _, _ = client.request("GET", "/api/executions", headers={"Host": f"rebind.example:{client.port}"})
     assert status == 403
+
+
+def test_it_binds_loopback_by_default(studio: tuple[Studio, str]) -> None:
+    """The socket itself, not the printed URL: nothing but this machine can connect."""
+    client, _ = studio
+    assert client.server.httpd.socket.getsockname()[0] == "127.0.0.1"
+    assert client.server.httpd.server_address[0] == "127.0.0.1"
+    assert client.server.url == f"http://127.0.0.1:{client.port}/"
+
+
+def test_a_wildcard_bind_warns_and_still_refuses_a_rebinding_host(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Bound to every interface, a DNS-rebinding page (its own name as Host, and as Origin) is
+    refused; this machine's own names and addresses on the served port are answered."""
+    home = tmp_path / "home"
+    _write_state(home)
+    register(home, not_a_tarball(tmp_path / "model.tar.gz"))
+    with caplog.at_level(logging.WARNING, logger="kennel.studio"):
+        server = StudioServer(home, host="0.0.0.0", port=0)
+    with server:
+        client = Studio(home.resolve(), server)
+        port = client.port
+        assert server.httpd.server_address[0] == "0.0.0.0"
+        assert server.url == f"http://127.0.0.1:{port}/"  # opens the page from here; it answers there
+        [warning] = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+        assert "every network interface" in warning and "approve" in warning and "127.0.0.1" in warning
+
+        evil = f"evil.example:{port}"
+        body = json.dumps({"Group": DEFAULT_GROUP, "Version": 1}).encode()
+        status, _, answer = client.request("POST", "/api/registry/approve", body, {
+            "Host": evil, "Origin": f"http://{evil}", "Content-Type": "application/json"})
+        assert status == 403 and "is not this server" in json.loads(answer)["Error"]
+        assert LocalRegistry(home).describe_model_package(f"{DEFAULT_GROUP}/1")["ModelApprovalStatus"] == PENDING
+        for host in (evil, f"127.0.0.1:{port + 1 if port < 65535 else port - 1}", "", "127.0.0.1.evil.example"):
+            assert client.request("GET", "/api/executions", headers={"Host": host})[0] == 403, host
+
+        own = ["127.0.0.1", "localhost", socket.gethostname()]
+        own += [address for address in interface_addresses() if not address.startswith("[fe80")][:3]
+        for name in own:
+            assert client.request("GET", "/api/executions", headers={"Host": f"{name}:{port}"})[0] == 200, name
+        # A same-origin POST under this machine's name still reaches the registry.
+        mine = f"{socket.gethostname()}:{port}"
+        status, _, answer = client.request("POST", "/api/registry/reject", body, {
+            "Host": mine, "Origin": f"http://{mine}", "Content-Type": "application/json"})
+        assert status == 200, answer
+
+
+def test_a_loopback_bind_does_not_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="kennel.studio"):
+        StudioServer(tmp_path, port=0).httpd.server_close()
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+# --- decisions: one model package group -------------------------------------------------------------
+
+
+def test_decisions_are_refused_for_another_group_than_the_endpoints(tmp_path: Path) -> None:
+    """Approving deploys the package's own group to the studio's one endpoint; a package of
+    another group would replace what that endpoint serves. `kennel approve` only ever uses
+    model_package_group, and so does the page: nothing is changed, nothing is deployed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    register(home, not_a_tarball(tmp_path / "ours.tar.gz"), group="kennel-models")
+    register(home, not_a_tarball(tmp_path / "theirs.tar.gz"), group="other-models")
+    with StudioServer(home, port=0, model_package_group="kennel-models") as server:
+        client = Studio(home.resolve(), server)
+        assert client.get_json("/api/overview")["ModelPackageGroup"] == "kennel-models"
+        for verb in ("approve", "reject"):
+            status, answer = client.decide(verb, "other-models", 1)
+            assert status == 403, answer
+            assert "'kennel-models' only" in answer["Error"] and "'other-models'" in answer["Error"]
+        registry = LocalRegistry(home)
+        assert registry.describe_model_package("other-models/1")["ModelApprovalStatus"] == PENDING
+        assert endpoints.list_endpoints(home) == []
+        # The configured group goes through (its broken model fails to deploy: 409, yet Approved).
+        status, answer = client.decide("approve", "kennel-models", 1)
+        assert status == 409 and "deploying it failed" in answer["Error"]
+        assert registry.describe_model_package("kennel-models/1")["ModelApprovalStatus"] == APPROVED
+
+
+def _deploying_definition(group: str, endpoint: str) -> dict[str, Any]:
+    """The shape of the pipeline's Deploy step (steps/deploy.py), the endpoint from a parameter."""
+    return {
+        "Version": "2020-12-01",
+        "Parameters": [{"Name": "EndpointName", "Type": "String", "DefaultValue": endpoint}],
+        "Steps": [{"Name": "Deploy", "Type": "Processing", "Arguments": {"AppSpecification": {
+            "ImageUri": "image", "ContainerArguments": [
+                "--model-package-group", group, "--endpoint-name", {"Get": "Parameters.EndpointName"}, "--wait"]}}}],
+    }
+
+
+def test_without_a_configured_group_the_stored_pipelines_deploy_step_names_it(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    register(home, not_a_tarball(tmp_path / "a.tar.gz"), group=DEFAULT_GROUP)
+    register(home, not_a_tarball(tmp_path / "b.tar.gz"), group="custom-models")
+    write_json_atomic(home / "pipelines" / "kennel" / "definition.json",
+                      _deploying_definition("custom-models", "kennel-endpoint"))
+    write_json_atomic(home / "pipelines" / "elsewhere" / "definition.json",
+                      _deploying_definition("third-models", "another-endpoint"))
+    with StudioServer(home, port=0) as server:
+        client = Studio(home.resolve(), server)
+        assert client.get_json("/api/overview")["ModelPackageGroup"] == "custom-models"
+        status, answer = client.decide("approve", DEFAULT_GROUP, 1)
+        assert status == 403 and "'custom-models' only" in answer["Error"]
+        status, answer = client.decide("reject", "custom-models", 1)
+        assert status == 200 and answer["ModelApprovalStatus"] == REJECTED
 
 
 def test_log_path_traversal_is_refused(studio: tuple[Studio, str], tmp_path: Path) -> None:
@@ -317,6 +435,11 @@ def _kennel(*args: str, home: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _listening(pid: int) -> list[tuple[str, int]]:
+    return [(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN]
+
+
 def test_kennel_studio_serves_until_interrupted(tmp_path: Path) -> None:
     home = tmp_path / "home"
     execution_id = _write_state(home)
@@ -326,6 +449,7 @@ def test_kennel_studio_serves_until_interrupted(tmp_path: Path) -> None:
         line = process.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
         assert match, line
+        assert _listening(process.pid) == [("127.0.0.1", int(match.group(1)))]  # the socket, not the words
         connection = http.client.HTTPConnection("127.0.0.1", int(match.group(1)), timeout=10)
         connection.request("GET", "/api/executions")
         assert json.loads(connection.getresponse().read())[0]["ExecutionId"] == execution_id
@@ -336,6 +460,28 @@ def test_kennel_studio_serves_until_interrupted(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_kennel_studio_on_every_interface_says_so(tmp_path: Path) -> None:
+    process = _kennel("studio", "--host", "0.0.0.0", "--port", "0", "--no-open", home=tmp_path / "home")
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", process.stdout.readline())
+        assert match
+        port = int(match.group(1))
+        assert _listening(process.pid) == [("0.0.0.0", port)]
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/api/overview", headers={"Host": f"rebind.example:{port}"})
+        assert connection.getresponse().status == 403
+        connection.close()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "listens on every network interface" in stderr and "approve" in stderr, stderr
+    assert "Traceback" not in stderr
 
 
 def test_kennel_studio_is_for_the_local_target(tmp_path: Path) -> None:

@@ -1,8 +1,13 @@
-"""The studio's HTTP server: a JSON API over the state folder and the static page, stdlib only.
+"""The studio's HTTP server: a JSON API over the state folder and the static page (stdlib, and
+psutil for this machine's interface addresses).
 
 Safe by default, because it can approve models and start endpoints:
-- it binds 127.0.0.1 unless told otherwise, and answers only requests whose Host is its own
-  address (a DNS-rebinding page cannot reach it under another name);
+- it binds 127.0.0.1 unless told otherwise (and warns when told to bind another address), and
+  answers only requests whose Host names this machine on its port: the loopback names, and for a
+  non-loopback bind the machine's host name and its interface addresses too. A DNS-rebinding
+  page reaches it under its own name, so it is refused (403) however the server is bound;
+- it approves and rejects packages of one model package group only: the one whose newest Approved
+  package its endpoint serves, as `kennel approve / reject` do;
 - state-changing routes are POST only (GET there is 405, and POST on a read route is 405), take a
   JSON body (a plain HTML form from another site cannot send one without a CORS preflight, which
   is never granted), and refuse any request whose Origin or Referer is another site (403);
@@ -15,9 +20,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import ipaddress
 import json
 import logging
 import re
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+import psutil
 
 from entrypoints.contract import MAX_PAYLOAD_BYTES
 from local import deployment
@@ -38,6 +48,7 @@ log = logging.getLogger("kennel.studio")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8470
 DEFAULT_ENDPOINT = "kennel-endpoint"
+DEFAULT_GROUP = "kennel-models"  # model_package_group's default in kennel.toml
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -47,6 +58,7 @@ STATIC_FILES = {
 # Base64 makes an image 4/3 larger; the endpoint itself refuses more than MAX_PAYLOAD_BYTES.
 MAX_BODY_BYTES = MAX_PAYLOAD_BYTES * 4 // 3 + 64 * 1024
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -71,6 +83,8 @@ class HttpError(Exception):
 class StudioSettings:
     home: Path
     endpoint_name: str = DEFAULT_ENDPOINT
+    # None: the group that the stored pipeline's deploy step serves on endpoint_name.
+    model_package_group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,21 +166,17 @@ class StudioHandler(BaseHTTPRequestHandler):
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such page or API route: {path}")
 
     # --- safety -----------------------------------------------------------------------------
-    def _own_hosts(self) -> set[str]:
-        host, port = self.server.server_address[:2]
-        return {f"{host}:{port}", f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
-
     def _check_host(self) -> None:
         """Refuse a Host that is not this server: a rebinding DNS name would carry its own."""
-        if self.server.server_address[0] in WILDCARD_HOSTS:
-            return
-        host = (self.headers.get("Host") or "").lower()
-        if host not in self._own_hosts():
+        host = (self.headers.get("Host") or "").strip().lower()
+        local_address = self.connection.getsockname()[0]  # the address this client reached
+        if host not in self.server.own_hosts(local_address):
             raise HttpError(HTTPStatus.FORBIDDEN, f"Host {host!r} is not this server; open {self.server.url}")
 
     def _check_same_origin(self) -> None:
-        """A browser sends Origin (or at least Referer) with a POST; another site's is refused."""
-        own = (self.headers.get("Host") or "").lower()
+        """A browser sends Origin (or at least Referer) with a POST; another site's is refused.
+        The Host it is compared with has passed _check_host: it names this server."""
+        own = (self.headers.get("Host") or "").strip().lower()
         for header in ("Origin", "Referer"):
             value = self.headers.get(header)
             if value is None:
@@ -228,7 +238,12 @@ class StudioHandler(BaseHTTPRequestHandler):
 
 def get_overview(request: StudioHandler) -> dict[str, Any]:
     home = request.settings.home
-    return {"Home": str(home), "EndpointName": request.settings.endpoint_name, "Pipelines": views.list_pipelines(home)}
+    try:
+        group, group_problem = decision_group(request.settings), None
+    except HttpError as error:
+        group, group_problem = None, error.message
+    return {"Home": str(home), "EndpointName": request.settings.endpoint_name, "ModelPackageGroup": group,
+            "ModelPackageGroupProblem": group_problem, "Pipelines": views.list_pipelines(home)}
 
 
 def get_pipeline(request: StudioHandler, name: str) -> dict[str, Any]:
@@ -284,9 +299,34 @@ def _package_choice(body: dict[str, Any]) -> tuple[str, int, str]:
     return group, version, reason
 
 
+def decision_group(settings: StudioSettings) -> str:
+    """The one model package group the page may approve and reject in: the configured one, else
+    the group the stored pipeline deploys to the endpoint. Approving deploys the newest Approved
+    package of the package's own group to settings.endpoint_name, so a package of any other group
+    would replace what that endpoint serves; `kennel approve` never does that either."""
+    if settings.model_package_group:
+        return settings.model_package_group
+    groups = views.deployed_groups(settings.home, settings.endpoint_name)
+    if len(groups) > 1:
+        raise HttpError(
+            HTTPStatus.CONFLICT,
+            f"the stored pipelines deploy model package groups {', '.join(map(repr, groups))} to endpoint "
+            f"{settings.endpoint_name!r}: decide with `kennel approve` / `kennel reject`, which use "
+            f"model_package_group from kennel.toml",
+        )
+    return groups[0] if groups else DEFAULT_GROUP
+
+
 def post_decision(request: StudioHandler, body: dict[str, Any], verb: str) -> dict[str, Any]:
     """Approve or reject through local.deployment, exactly as `kennel approve / reject` do."""
     group, version, reason = _package_choice(body)
+    allowed = decision_group(request.settings)
+    if group != allowed:
+        raise HttpError(
+            HTTPStatus.FORBIDDEN,
+            f"this page approves and rejects packages of model package group {allowed!r} only (the group "
+            f"endpoint {request.settings.endpoint_name!r} serves, as `kennel {verb}` does), not {group!r}",
+        )
     home = request.settings.home
     try:
         if verb == "approve":
@@ -351,30 +391,129 @@ ROUTES = [
 ]
 
 
+def _url_host(address: str) -> str:
+    """An address as a URL's host: IPv6 in brackets, zone dropped; names and IPv4 as they are."""
+    address = address.split("%", 1)[0].lower()
+    return f"[{address}]" if ":" in address else address
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def interface_addresses() -> set[str]:
+    """This machine's own IPv4 and IPv6 addresses, as URL hosts."""
+    found = set()
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family in (socket.AF_INET, socket.AF_INET6):
+                found.add(_url_host(address.address))
+    return found
+
+
+@functools.cache
+def machine_names() -> frozenset[str]:
+    """This machine's host name and fully qualified name (looked up once: getfqdn may ask DNS)."""
+    names = {socket.gethostname().lower()}
+    try:
+        names.add(socket.getfqdn().lower())
+    except OSError:
+        pass
+    return frozenset(name for name in names if name)
+
+
 class StudioHttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], settings: StudioSettings) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, StudioHandler)
         self.settings = settings
 
     @property
+    def bound_host(self) -> str:
+        """The address the socket is bound to ('0.0.0.0' or '::' for every interface)."""
+        return str(self.server_address[0])
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    @property
+    def wildcard(self) -> bool:
+        return self.bound_host in WILDCARD_HOSTS
+
+    @property
+    def loopback_only(self) -> bool:
+        return _is_loopback(self.bound_host)
+
+    def own_hosts(self, local_address: str) -> set[str]:
+        """The Host headers this server answers: a name of this machine on its port.
+
+        Always the loopback names; when bound beyond loopback, also the machine's host names, the
+        bound address, and (for a wildcard bind) every interface address and the one the client
+        reached. Never a name the client chose, so a rebinding DNS name is refused."""
+        names = set(LOOPBACK_NAMES)
+        if not self.loopback_only:
+            names |= machine_names()
+            if self.wildcard:
+                names |= interface_addresses() | {_url_host(local_address)}
+            else:
+                names.add(_url_host(self.bound_host))
+        hosts = {f"{name}:{self.port}" for name in names}
+        if self.port == 80:  # a browser leaves the default port out of Host
+            hosts |= names
+        return hosts
+
+    @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        shown = "127.0.0.1" if host in WILDCARD_HOSTS else host
-        return f"http://{shown}:{port}/"
+        """A URL that opens the page from this machine: the bound address, or loopback for a
+        wildcard bind (which answers there too)."""
+        if self.bound_host == "::":
+            shown = "[::1]"
+        elif self.wildcard:
+            shown = "127.0.0.1"
+        else:
+            shown = _url_host(self.bound_host)
+        return f"http://{shown}:{self.port}/"
+
+    def exposure_warning(self) -> str | None:
+        """What to tell the operator when the page is reachable from other machines."""
+        if self.loopback_only:
+            return None
+        if self.wildcard:
+            where = f"every network interface ({_url_host(self.bound_host)}:{self.port})"
+            others = sorted(name for name in machine_names() | interface_addresses()
+                            if not _is_loopback(name.strip("[]")))
+        else:
+            where = f"{_url_host(self.bound_host)}:{self.port}"
+            others = sorted(machine_names() | {_url_host(self.bound_host)})
+        shown = ", ".join(f"http://{name}:{self.port}/" for name in others)
+        return (f"WARNING: kennel studio listens on {where}, not only on 127.0.0.1: anyone who can reach "
+                f"this machine can open the page, approve and reject model packages and start the "
+                f"endpoint, with no login. It answers as {shown or 'this machine'} and on 127.0.0.1. "
+                f"Stop it unless that is what you want; the default --host 127.0.0.1 is private to "
+                f"this machine.")
 
 
 class StudioServer:
     """The studio on a background thread (tests, embedding); `serve` runs it in the foreground."""
 
     def __init__(self, home: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 endpoint_name: str = DEFAULT_ENDPOINT) -> None:
+                 endpoint_name: str = DEFAULT_ENDPOINT, model_package_group: str | None = None) -> None:
+        settings = StudioSettings(Path(home).resolve(), endpoint_name, model_package_group)
         try:
-            self.httpd = StudioHttpServer((host, port), StudioSettings(Path(home).resolve(), endpoint_name))
+            self.httpd = StudioHttpServer((host, port), settings)
         except OSError as error:
             raise OSError(f"cannot listen on {host}:{port} ({error.strerror}); pass another --port "
                           f"(0 picks a free one)") from None
+        warning = self.httpd.exposure_warning()
+        if warning:
+            log.warning("%s", warning)
         self._thread: threading.Thread | None = None
 
     @property
@@ -400,9 +539,12 @@ class StudioServer:
 
 
 def serve(home: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, endpoint_name: str = DEFAULT_ENDPOINT,
-          on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until interrupted (Ctrl-C raises KeyboardInterrupt out of here, after closing)."""
-    server = StudioServer(home, host, port, endpoint_name)
+          on_ready: Callable[[str], None] | None = None, model_package_group: str | None = None) -> None:
+    """Serve until interrupted (Ctrl-C raises KeyboardInterrupt out of here, after closing).
+
+    model_package_group: the group Approve / Reject act on (kennel.toml's); None reads it from the
+    stored pipeline's deploy step for endpoint_name."""
+    server = StudioServer(home, host, port, endpoint_name, model_package_group)
     if on_ready is not None:
         on_ready(server.url)
     try:
