@@ -20,6 +20,7 @@ from pipeline import events
 from pipeline.config import KennelConfig
 from pipeline.definition import definitions, deploy_pipeline_name, pipeline_session, sdk_environment
 from pipeline.errors import KennelError
+from pipeline.policy import endpoint_name_allowed
 from pipeline.targets import (
     UPLOADS_FOLDER,
     Endpoint,
@@ -209,6 +210,7 @@ class AwsTarget:
 
     # --- executions ---------------------------------------------------------------------------
     def start(self, parameters: Mapping[str, str], wait: bool) -> ExecutionStatus:
+        self._check_endpoint_name(parameters.get("EndpointName"))
         with aws_errors("run"):
             sagemaker = self.client("sagemaker")
             self._require_pipeline(sagemaker)
@@ -225,6 +227,16 @@ class AwsTarget:
                 execution = self._describe(sagemaker, arn)
                 _log_changes(execution, seen)
         return execution
+
+    def _check_endpoint_name(self, name: str | None) -> None:
+        """Refuse, before hours of training, an EndpointName the execution role may not deploy to."""
+        if name is None or endpoint_name_allowed(self.config, name):
+            return
+        prefix = self.config.endpoint_name
+        raise KennelError(
+            f"--param EndpointName={name}: the execution role's policy (kennel policy) allows the Deploy step "
+            f"endpoints named {prefix}* only; choose a name starting with {prefix!r} (e.g. {prefix}-blue), or set "
+            f"endpoint_name (KENNEL_ENDPOINT_NAME) to {name!r} and apply `kennel policy` to the role again")
 
     def status(self, execution: str | None) -> ExecutionStatus:
         with aws_errors("status"):

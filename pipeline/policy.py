@@ -5,6 +5,11 @@ to start the jobs and register the model, the jobs use it to read and write S3, 
 write logs, deploy.py uses it to create or update the endpoint, and EventBridge uses it to start
 the deploy pipeline when a package is approved. Names are placeholders (KENNEL_*) so the file
 stays valid JSON; `kennel policy` prints it with this configuration's values.
+
+Endpoints are allowed by name prefix (`endpoint/<endpoint_name>*`, and their configs
+`<endpoint_name>-v<version>-<shape>`): the EndpointName pipeline parameter may be overridden per
+run, so a run may deploy to `<endpoint_name>-blue` with the same role, and the aws target refuses
+an override outside that prefix before starting (`endpoint_name_allowed`).
 """
 
 from __future__ import annotations
@@ -44,3 +49,9 @@ def render_execution_role_policy(config: KennelConfig) -> dict[str, Any]:
 
 def trust_policy() -> dict[str, Any]:
     return json.loads(TRUST_POLICY_FILE.read_text(encoding="utf-8"))
+
+
+def endpoint_name_allowed(config: KennelConfig, name: str) -> bool:
+    """Whether the execution role policy lets the deploy step serve on endpoint `name`: names that
+    start with the configured endpoint_name (ARNs hold names in lowercase, hence the comparison)."""
+    return name.lower().startswith(config.endpoint_name.lower())

@@ -109,6 +109,16 @@ def test_run_passes_parameter_overrides_and_waits(upserted):
     assert {p["Name"]: p["Value"] for p in recorded["PipelineParameters"]}["MaxJobs"] == "8"
 
 
+def test_run_refuses_an_endpoint_name_the_role_may_not_deploy_to(upserted):
+    """The policy allows endpoints named <endpoint_name>*: a run that would end in AccessDenied in its
+    Deploy step, hours later, is refused before it starts; a name under the prefix runs."""
+    with pytest.raises(KennelError, match="EndpointName=someone-else: .* endpoints named kennel-endpoint\\* only"):
+        upserted.start({"EndpointName": "someone-else"}, wait=False)
+    assert sagemaker().list_pipeline_executions(PipelineName="kennel")["PipelineExecutionSummaries"] == []
+    execution = upserted.start({"EndpointName": "Kennel-Endpoint-Blue"}, wait=False)  # ARNs are lowercase
+    assert execution.parameters == {"EndpointName": "Kennel-Endpoint-Blue"}
+
+
 def test_run_before_upsert_says_to_upsert(target):
     with pytest.raises(KennelError, match="kennel upsert --target aws"):
         target.start({}, wait=False)

@@ -8,7 +8,6 @@ checks every request against the API's shape just the same.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -18,13 +17,12 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 from botocore.stub import Stubber
-from kennel_support import REGION, ROLE_ARN, aws_environment
+from kennel_support import ACCOUNT, REGION, ROLE_ARN, aws_environment
 from moto import mock_aws
 
 import deploy
 
 ENTRYPOINTS = Path(deploy.__file__).resolve().parent
-POLICY = ENTRYPOINTS.parent / "pipeline" / "execution_role_policy.json"
 GROUP, ENDPOINT = "dogs", "dogs-endpoint"
 TARGET = deploy.Target(GROUP, ENDPOINT, "ml.m5.large", 1)
 SPEC = {
@@ -219,6 +217,36 @@ def replace_scenario(client, stubber: Stubber) -> deploy.Plan:
     return deploy.deploy(client, TARGET, ROLE_ARN, wait=True, poll=0, sleep=no_sleep)
 
 
+def rollback_scenario(client, stubber: Stubber) -> deploy.Plan:
+    """Version 4 serves and was rejected: the newest Approved is now version 2, whose model and
+    endpoint config exist from when it served, so the endpoint is updated back to that config."""
+    serving = deploy.resource_names(TARGET, 4)[1]
+    model, older = deploy.resource_names(TARGET, 2)
+    stubber.add_response("describe_endpoint", endpoint_response("InService", serving))  # not busy
+    approved_pages(stubber, [[1, 2]])  # 4 is Rejected: no longer listed as Approved
+    stubber.add_response("describe_endpoint", endpoint_response("InService", serving), {"EndpointName": ENDPOINT})
+    stubber.add_response("describe_model", {
+        "ModelName": model, "ExecutionRoleArn": ROLE_ARN, "CreationTime": datetime.datetime(2026, 1, 2),
+        "ModelArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model/{model}"}, {"ModelName": model})
+    stubber.add_response("describe_endpoint_config", {
+        "EndpointConfigName": older, "EndpointConfigArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint-config/{older}",
+        "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": model}],
+        "CreationTime": datetime.datetime(2026, 1, 2)}, {"EndpointConfigName": older})
+    stubber.add_response("update_endpoint", {"EndpointArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/x"},
+                         {"EndpointName": ENDPOINT, "EndpointConfigName": older})
+    stubber.add_response("describe_endpoint", endpoint_response("Updating", older))
+    stubber.add_response("describe_endpoint", endpoint_response("InService", older))
+    return deploy.deploy(client, TARGET, ROLE_ARN, wait=True, poll=0, sleep=no_sleep)
+
+
+def test_rejecting_the_version_that_serves_rolls_the_endpoint_back_to_the_previous_approved(stubbed):
+    """No new model or config is created: the endpoint moves back to version 2's existing config."""
+    plan = rollback_scenario(*stubbed)
+    assert (plan.action, plan.version) == (deploy.UPDATE, 2)
+    assert plan.endpoint_config_name == deploy.resource_names(TARGET, 2)[1]
+    assert plan.package_arn.endswith(f"/{GROUP}/2")
+
+
 def test_a_newer_approved_version_updates_the_endpoint_and_waits_for_in_service(stubbed):
     plan = update_scenario(*stubbed)
     assert (plan.action, plan.version) == (deploy.UPDATE, 4)
@@ -255,28 +283,94 @@ def test_other_aws_errors_are_not_mistaken_for_not_found(stubbed):
         deploy.describe_endpoint(client, ENDPOINT)
 
 
+RESOURCE_MEMBERS = {"Endpoint": "EndpointName", "EndpointConfig": "EndpointConfigName", "Model": "ModelName"}
+RESOURCE_KINDS = {"EndpointName": "endpoint", "EndpointConfigName": "endpoint-config", "ModelName": "model"}
+
+
+class RecordedCalls:
+    """Every SageMaker call a client makes, as (IAM action, resource ARN) the way IAM authorizes it."""
+
+    def __init__(self, *clients):
+        self.calls: set[tuple[str, str]] = set()
+        for client in clients:
+            client.meta.events.register("provide-client-params.sagemaker", self.record)
+
+    def record(self, params, model, **kwargs):
+        # The member naming each call's resource (None: the action takes no resource, "*").
+        # A call missing here fails the test: map it before deploy.py makes it.
+        member = {"ListModelPackages": None, "DescribeModelPackage": "ModelPackageName"}.get(
+            model.name, RESOURCE_MEMBERS.get(model.name.removeprefix("Create").removeprefix("Describe")
+                                            .removeprefix("Update").removeprefix("Delete"), "unmapped"))
+        if member is None:
+            self.calls.add((f"sagemaker:{model.name}", "*"))
+        elif member == "ModelPackageName":
+            self.calls.add((f"sagemaker:{model.name}", params[member].lower()))  # already an ARN
+        else:
+            assert member in RESOURCE_KINDS, f"deploy.py calls {model.name}: say which resource it acts on"
+            kind, name = RESOURCE_KINDS[member], params[member].lower()  # ARNs hold names in lowercase
+            self.calls.add((f"sagemaker:{model.name}", f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{kind}/{name}"))
+        if model.name == "CreateModel":
+            self.calls.add(("iam:PassRole", params["ExecutionRoleArn"]))
+
+    @property
+    def actions(self) -> set[str]:
+        return {action.split(":", 1)[1] for action, _ in self.calls if action.startswith("sagemaker:")}
+
+
+def allowed(policy: dict, action: str, resource: str) -> bool:
+    """Whether an Allow statement of `policy` names `action` and `resource` (IAM wildcards * and ?)."""
+    from fnmatch import fnmatchcase
+
+    def listed(value):
+        return [value] if isinstance(value, str) else value
+
+    return any(statement["Effect"] == "Allow"
+               and any(fnmatchcase(action, pattern) for pattern in listed(statement["Action"]))
+               and any(fnmatchcase(resource, pattern) for pattern in listed(statement["Resource"]))
+               for statement in policy["Statement"])
+
+
+def rendered_policy() -> dict:
+    """The policy `kennel policy` prints for a configuration serving GROUP on ENDPOINT."""
+    from kennel_support import repo_config
+
+    from pipeline.policy import render_execution_role_policy
+
+    return render_execution_role_policy(repo_config(model_package_group=GROUP, endpoint_name=ENDPOINT,
+                                                    role_arn=ROLE_ARN, region=REGION))
+
+
 def test_the_execution_role_policy_allows_every_call_deploy_makes(sagemaker, stubbed):
-    policy = json.loads(POLICY.read_text())
-    allowed = {action for statement in policy["Statement"] for action in
-               ([statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"])}
-    called: set[str] = set()
-
-    def record(model, **kwargs):
-        called.add(model.name)
-
+    """Each call deploy.py makes (create, update, roll back, replace, delete), action and resource,
+    is allowed by the rendered policy: also on an endpoint whose name the EndpointName parameter
+    overrode for one run (ENDPOINT-blue), which the policy allows by prefix."""
     client, stubber = stubbed
-    for each in (sagemaker, client):
-        each.meta.events.register("provide-client-params.sagemaker", record)
-    (arn,) = register(sagemaker, "Approved")
-    deploy.deploy(sagemaker, TARGET, ROLE_ARN, wait=True, sleep=no_sleep)
+    (arn,) = register(sagemaker, "Approved")  # the pipeline's Register step, not deploy.py
+    recorded = RecordedCalls(sagemaker, client)
+    blue = deploy.Target(GROUP, f"{ENDPOINT}-blue", "ml.m5.large", 1)
+    for target in (TARGET, blue):
+        assert deploy.deploy(sagemaker, target, ROLE_ARN, wait=True, sleep=no_sleep).action == deploy.CREATE
     person = boto3.client("sagemaker", region_name=REGION)  # the rejection is a person's call, not deploy's
     person.update_model_package(ModelPackageArn=arn, ModelApprovalStatus="Rejected")
-    assert deploy.deploy(sagemaker, TARGET, ROLE_ARN, wait=True, sleep=no_sleep).action == deploy.DELETE
+    for target in (TARGET, blue):
+        assert deploy.deploy(sagemaker, target, ROLE_ARN, wait=True, sleep=no_sleep).action == deploy.DELETE
     replace_scenario(client, stubber)
     update_scenario(client, stubber)
+    rollback_scenario(client, stubber)
     assert {"CreateModel", "CreateEndpointConfig", "CreateEndpoint", "UpdateEndpoint", "DeleteEndpoint",
-            "DescribeEndpointConfig", "DescribeModel", "DescribeModelPackage"} <= called
-    assert {f"sagemaker:{name}" for name in called} <= allowed
+            "DescribeEndpointConfig", "DescribeModel", "DescribeModelPackage", "ListModelPackages"} <= recorded.actions
+    assert ("sagemaker:CreateEndpoint", f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{ENDPOINT}-blue") in recorded.calls
+    policy = rendered_policy()
+    assert [call for call in sorted(recorded.calls) if not allowed(policy, *call)] == []
+
+
+def test_the_policy_does_not_allow_endpoints_outside_the_configured_name():
+    policy = rendered_policy()
+    arn = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}"
+    assert allowed(policy, "sagemaker:UpdateEndpoint", f"{arn}:endpoint/{ENDPOINT}")
+    assert not allowed(policy, "sagemaker:UpdateEndpoint", f"{arn}:endpoint/someone-elses-endpoint")
+    assert not allowed(policy, "sagemaker:CreateEndpointConfig", f"{arn}:endpoint-config/other-v1-0123abcd")
+    assert not allowed(policy, "sagemaker:DeleteEndpoint", f"arn:aws:sagemaker:{REGION}:999999999999:endpoint/{ENDPOINT}")
 
 
 # --- the script as a process ------------------------------------------------------------------------
