@@ -482,7 +482,12 @@ class AwsTarget:
             runtime = self.client("sagemaker-runtime")
             answer = runtime.invoke_endpoint(EndpointName=endpoint, Body=body, ContentType=content_type,
                                              Accept="application/json")
-            return json.loads(answer["Body"].read())
+            payload = answer["Body"].read()
+        try:
+            return json.loads(payload)
+        except ValueError:
+            raise KennelError(f"predict: endpoint {endpoint} answered {answer.get('ContentType', 'a body')} that is "
+                              f"not JSON ({payload[:80]!r}); is it serving a Kennel model?") from None
 
     def _packages(self, sagemaker: Any) -> list[ModelPackage]:
         """Every package of the group, newest version first."""

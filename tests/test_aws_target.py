@@ -270,6 +270,57 @@ def test_endpoints_show_the_served_version_and_stop_deletes(upserted):
     assert upserted.endpoints() == []
 
 
+@pytest.fixture
+def runtime(target, monkeypatch):
+    """The sagemaker-runtime client `predict` uses, behind a Stubber (moto's InvokeEndpoint fails on
+    a binary body); the Stubber checks each request against botocore's InvokeEndpoint shape."""
+    from botocore.stub import Stubber
+
+    client = boto3.client("sagemaker-runtime", region_name=REGION)
+    monkeypatch.setattr(target, "client", lambda service: {"sagemaker-runtime": client}[service])
+    with Stubber(client) as stub:
+        yield stub
+        stub.assert_no_pending_responses()
+
+
+def streamed(body: bytes):
+    import io
+
+    from botocore.response import StreamingBody
+
+    return StreamingBody(io.BytesIO(body), len(body))
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
+
+
+def test_predict_sends_the_image_to_the_endpoint_and_returns_its_json(target, runtime):
+    answer = {"predictions": [{"label": "beagle", "probability": 0.91}, {"label": "basset", "probability": 0.05}]}
+    runtime.add_response(
+        "invoke_endpoint", {"Body": streamed(json.dumps(answer).encode()), "ContentType": "application/json"},
+        {"EndpointName": "kennel-endpoint-blue", "Body": PNG, "ContentType": "image/png", "Accept": "application/json"})
+    assert target.predict(PNG, "image/png", "kennel-endpoint-blue") == answer
+
+
+def test_predict_says_what_the_endpoint_or_aws_refused(target, runtime):
+    runtime.add_client_error(
+        "invoke_endpoint", "ModelError", 'Received client error (415) from primary with message "unsupported '
+        'content type". See https://us-east-1.console.aws.amazon.com/cloudwatch/ for more information.',
+        http_status_code=424)
+    with pytest.raises(KennelError, match="predict: AWS said ModelError: Received client error \\(415\\)"):
+        target.predict(b"GIF89a", "image/gif", "kennel-endpoint")
+    runtime.add_client_error("invoke_endpoint", "ValidationError",
+                             "Endpoint nope of account 123456789012 not found.", http_status_code=400)
+    with pytest.raises(KennelError, match="AWS said ValidationError: Endpoint nope .* not found"):
+        target.predict(PNG, "image/png", "nope")
+
+
+def test_predict_names_an_answer_that_is_not_json(target, runtime):
+    runtime.add_response("invoke_endpoint", {"Body": streamed(b"<html>hello</html>"), "ContentType": "text/html"})
+    with pytest.raises(KennelError, match="endpoint kennel-endpoint answered text/html that is not JSON"):
+        target.predict(PNG, "image/png", "kennel-endpoint")
+
+
 def described_training_job(job: str, arguments: dict, **extra) -> dict:
     """DescribeTrainingJob as AWS answers for a job started from `arguments` (the step's request):
     the request's Debugger and output settings come back as given; an unset rule S3OutputPath stays
