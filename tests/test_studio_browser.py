@@ -26,11 +26,12 @@ from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import Browser, Locator, Page, Request, expect, sync_playwright
+from serving_support import not_a_tarball, register
 
 from local import deployment, endpoints
 from local.files import read_json, write_json_atomic
 from local.progress import LIVE_RULE_STATUSES
-from local.registry import LocalRegistry
+from local.registry import APPROVED, LocalRegistry
 from local.state import (
     EXECUTING,
     SUCCEEDED,
@@ -205,6 +206,73 @@ def test_a_running_training_step_shows_its_live_rule_statuses(page: Page, tmp_pa
         assert page.evaluate("window.notReloaded") is True
         execution.status = SUCCEEDED  # lets the page stop polling
         store.save(execution)
+
+
+def test_an_opened_whole_log_keeps_following_a_live_step(page: Page, tmp_path: Path) -> None:
+    """Opening the whole log does not stop the page's polling: the log grows in place, and the
+    step's status still changes without a reload, the whole log staying open."""
+    definition = {"Version": "2020-12-01", "Parameters": [], "Steps": [
+        {"Name": "Prepare", "Type": "Processing", "Arguments": {}}]}
+    store = ExecutionStore(tmp_path / "home")
+    execution = store.create(definition, "demo", {})
+    execution.runner = current_process()  # a live runner, so the state is not read as interrupted
+    store.save(execution)
+    log = execution.folder / "jobs" / "Prepare" / "log.txt"
+    log.parent.mkdir(parents=True)
+    log.write_text("".join(f"line {i}\n" for i in range(300)))  # longer than the tail the page shows
+    record = StepRecord("Prepare", "Processing", EXECUTING, start_time=now(), log_path=str(log))
+    store.save_step(execution.execution_id, record)
+    with StudioServer(tmp_path / "home", port=0) as server:
+        page.goto(f"{server.url}#/executions/{execution.execution_id}/Prepare")
+        page.locator("#whole-log-button").click()
+        whole = page.locator("#whole-log")
+        expect(whole).to_contain_text("line 0\n")
+        page.evaluate("window.notReloaded = true")
+        with log.open("a") as handle:
+            handle.write("line appended while live\n")
+        expect(whole).to_contain_text("line appended while live", timeout=10_000)
+        record.status, record.end_time = SUCCEEDED, now()
+        store.save_step(execution.execution_id, record)
+        execution.status = SUCCEEDED
+        store.save(execution)
+        expect(page.locator(".dag .node[data-step='Prepare']")).to_have_attribute("data-status", SUCCEEDED,
+                                                                                  timeout=10_000)
+        expect(page.locator("h1 .badge")).to_have_text(SUCCEEDED)
+        expect(whole).to_contain_text("line 0\n")  # still the whole log, not the tail
+        expect(whole).to_contain_text("line appended while live")
+        assert page.evaluate("window.notReloaded") is True
+
+
+def test_a_failed_deployment_still_shows_the_approval(browser: Browser, tmp_path: Path) -> None:
+    """Approve answers 409 when the registry took the approval but the endpoint could not load
+    the package: the page says why and shows the package as it now is (Approved). Packages of
+    another group than the endpoint's get no Approve / Reject."""
+    home = tmp_path / "home"
+    register(home, not_a_tarball(tmp_path / "model.tar.gz"))
+    register(home, not_a_tarball(tmp_path / "other.tar.gz"), group="other-models")
+    # Its own context: the browser reports the 409 answer on the console, which the page fixture refuses.
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        with StudioServer(home, port=0) as server:
+            page.goto(f"{server.url}#/models")
+            row = page.locator("section[data-group='kennel-models'] tr[data-version='1']")
+            expect(row.locator(".badge")).to_have_text("PendingManualApproval")
+            other = page.locator("section[data-group='other-models']")
+            expect(other.locator(".not-decided")).to_contain_text("kennel-models")
+            expect(other.locator("button")).to_have_count(0)
+            with page.expect_response(lambda r: r.url.endswith("/api/registry/approve"), timeout=60_000) as answer:
+                row.locator("button.approve").click()
+            assert answer.value.status == 409, answer.value.text()
+            expect(page.locator("#notice.error")).to_contain_text("deploying it failed")
+            expect(page.locator("section[data-group='kennel-models'] tr[data-version='1'] .badge")).to_have_text(
+                APPROVED)
+            assert LocalRegistry(home).describe_model_package("kennel-models/1")["ModelApprovalStatus"] == APPROVED
+    finally:
+        context.close()
+    assert not errors, errors
 
 
 def test_a_run_is_shown_step_by_step(runs: Runs, page: Page) -> None:

@@ -5,6 +5,7 @@
 const LIVE = new Set(["Executing", "Starting", "Stopping"]);
 const POLL_MS = 2000;
 let generation = 0; // bumped on every navigation: pending polls of an older view stop
+let wholeLog = null; // { key: "execution/step", size, text, truncated } once the user opened that whole log
 
 // --- DOM helpers ---------------------------------------------------------------------------------
 
@@ -234,7 +235,7 @@ async function showExecution(id, step, mine, shownSignature) {
   const statuses = Object.fromEntries(Object.entries(execution.Steps).map(([n, s]) => [n, s.Status]));
   const signature = JSON.stringify([execution.Status, statuses]);
   const poll = () => setTimeout(() => {
-    if (mine !== generation || document.getElementById("whole-log")) return; // the whole log, once opened, stays
+    if (mine !== generation) return;
     showExecution(id, step, mine, signature).catch((error) => notice(error.message, true));
   }, POLL_MS);
   if (signature === shownSignature) {
@@ -295,7 +296,7 @@ async function showStep(id, name, container, mine) {
     rulesSection("Debugger rules", "debug-rules", step.DebugRules),
     rulesSection("Profiler rules", "profiler-rules", step.ProfilerRules),
     step.ProfilerReportUrl ? el("p", {}, el("a", { href: step.ProfilerReportUrl, target: "_blank", rel: "noopener", id: "profiler-report" }, "Profiler report")) : null,
-    plotsSection(step), logSection(step),
+    plotsSection(step), logSection(step, `${id}/${name}`),
     el("details", {}, el("summary", {}, step.ArgumentsResolved ? "Arguments (resolved)" : "Arguments (as defined)"), jsonBlock(step.Arguments)),
     el("details", {}, el("summary", {}, "Properties"), jsonBlock(step.Properties)),
   ];
@@ -358,40 +359,54 @@ function plotsSection(step) {
     step.Plots.map((p) => el("figure", {}, el("img", { src: p.Url, alt: p.Name, loading: "lazy" }), el("figcaption", { className: "muted" }, p.Name))))];
 }
 
-function logSection(step) {
+function logSection(step, key) {
   if (!step.Log) return el("p", { className: "muted" }, "No log for this step.");
   const pre = el("pre", { id: "log" }, step.Log.Text);
-  const whole = el("button", {
-    type: "button", id: "whole-log-button",
-    onclick: async () => {
-      whole.disabled = true;
-      try {
+  const showWhole = (log) => {
+    pre.textContent = log.text;
+    pre.id = "whole-log";
+    whole.replaceWith(el("span", { className: "muted" }, log.truncated ? "the last 16 MB of the log" : "the whole log"));
+  };
+  // Once opened, the whole log stays open while the page refreshes a live step; it is fetched
+  // again only when the log has grown.
+  const loadWhole = async () => {
+    whole.disabled = true;
+    try {
+      if (!wholeLog || wholeLog.key !== key || wholeLog.size !== step.Log.Size) {
         const log = await api(`${step.LogUrl}?whole=1`);
-        pre.textContent = log.Text;
-        pre.id = "whole-log";
-        whole.replaceWith(el("span", { className: "muted" }, log.Truncated ? "the last 16 MB of the log" : "the whole log"));
-      } catch (error) { notice(error.message, true); whole.disabled = false; }
-    },
-  }, "Whole log");
+        wholeLog = { key, size: log.Size, text: log.Text, truncated: log.Truncated };
+      }
+      showWhole(wholeLog);
+    } catch (error) { notice(error.message, true); whole.disabled = false; }
+  };
+  const whole = el("button", { type: "button", id: "whole-log-button", onclick: loadWhole }, "Whole log");
   const more = step.Log.Truncated ? whole : el("span", { className: "muted" }, "(the whole log)");
-  return [el("h3", {}, "Log ", more), pre];
+  const heading = el("h3", {}, "Log ", more);
+  if (step.Log.Truncated && wholeLog && wholeLog.key === key) loadWhole();
+  return [heading, pre];
 }
 
 // --- models ------------------------------------------------------------------------------------------
 
 async function showModels(mine) {
-  const groups = await api("/api/registry");
+  const [groups, overview] = await Promise.all([api("/api/registry"), api("/api/overview")]);
   if (!groups.length) {
     render(mine, el("h1", {}, "Model registry"), el("p", {}, "No model package registered yet: a successful run registers one."));
     return;
   }
+  // Approve / Reject only in the group whose packages the endpoint serves (as `kennel approve`).
+  const decided = overview.ModelPackageGroup;
+  const note = (name) => el("p", { className: "muted not-decided" }, decided
+    ? `Decisions are made in group ${decided} (served by endpoint ${overview.EndpointName}); use the registry's own tools for ${name}.`
+    : overview.ModelPackageGroupProblem || "No group to decide in.");
   render(mine, el("h1", {}, "Model registry"), groups.map((group) => el("section", { className: "card", "data-group": group.Name },
     el("h2", {}, `Group ${group.Name}`),
-    table(["Version", "Status", "Registered", "Metrics", "Execution", "History", "Decide"],
-      group.Packages.map((p) => packageRow(group.Name, p)), { className: "packages" }))));
+    group.Name === decided ? null : note(group.Name),
+    table(["Version", "Status", "Registered", "Metrics", "Execution", "History", group.Name === decided ? "Decide" : ""],
+      group.Packages.map((p) => packageRow(group.Name, p, group.Name === decided)), { className: "packages" }))));
 }
 
-function packageRow(group, p) {
+function packageRow(group, p, decidable) {
   const reason = el("input", { type: "text", placeholder: "reason (recorded with the decision)", "aria-label": "reason", className: "reason" });
   const decide = (verb) => async (event) => {
     const buttons = event.target.parentElement.querySelectorAll("button");
@@ -402,8 +417,11 @@ function packageRow(group, p) {
       notice(result.Message);
       route();
     } catch (error) {
+      // A refusal can still have changed the registry (approved, then the deployment failed):
+      // show the package as it now is.
       notice(error.message, true);
       buttons.forEach((b) => { b.disabled = false; });
+      route();
     }
   };
   const metrics = Object.entries(p.Metrics || {}).filter(([k]) => ["loss", "accuracy", "top_5_accuracy", "macro_f1"].includes(k))
@@ -413,9 +431,9 @@ function packageRow(group, p) {
     el("td", {}, when(p.CreationTime)), el("td", {}, metrics || "-"),
     el("td", {}, p.ExecutionId ? el("a", { href: `#/executions/${encodeURIComponent(p.ExecutionId)}` }, p.ExecutionId) : "-"),
     el("td", {}, el("ol", {}, p.History.map((h) => el("li", {}, `${when(h.Time)}: ${h.FromStatus || "registered"} → ${h.ToStatus}${h.Reason ? ` (${h.Reason})` : ""}`)))),
-    el("td", {}, reason, " ",
+    el("td", {}, decidable ? [reason, " ",
       el("button", { type: "button", className: "primary approve", onclick: decide("approve") }, "Approve"), " ",
-      el("button", { type: "button", className: "danger reject", onclick: decide("reject") }, "Reject")));
+      el("button", { type: "button", className: "danger reject", onclick: decide("reject") }, "Reject")] : null));
 }
 
 // --- endpoints ---------------------------------------------------------------------------------------
