@@ -374,7 +374,8 @@ def cmd_studio(args: argparse.Namespace, config: KennelConfig) -> int:
             webbrowser.open(url)
 
     try:
-        serve(resolve_home(), args.host, args.port, config.endpoint_name, on_ready=ready)
+        serve(resolve_home(), args.host, args.port, config.endpoint_name, on_ready=ready,
+              model_package_group=config.model_package_group)
     except OSError as error:
         raise KennelError(str(error)) from None
     except KeyboardInterrupt:

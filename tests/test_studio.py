@@ -26,7 +26,7 @@ from serving_support import not_a_tarball, register
 from local import endpoints
 from local.files import write_json_atomic
 from local.progress import LIVE_RULE_STATUSES
-from local.registry import APPROVED, PENDING, REJECTED, LocalRegistry
+from local.registry import APPROVED, PENDING, LocalRegistry
 from local.state import EXECUTING, FAILED, SUCCEEDED, ExecutionStore, StepRecord, current_process, now
 from local.studio.server import DEFAULT_GROUP, StudioServer, interface_addresses
 
@@ -251,34 +251,6 @@ def test_decisions_are_refused_for_another_group_than_the_endpoints(tmp_path: Pa
         status, answer = client.decide("approve", "kennel-models", 1)
         assert status == 409 and "deploying it failed" in answer["Error"]
         assert registry.describe_model_package("kennel-models/1")["ModelApprovalStatus"] == APPROVED
-
-
-def _deploying_definition(group: str, endpoint: str) -> dict[str, Any]:
-    """The shape of the pipeline's Deploy step (steps/deploy.py), the endpoint from a parameter."""
-    return {
-        "Version": "2020-12-01",
-        "Parameters": [{"Name": "EndpointName", "Type": "String", "DefaultValue": endpoint}],
-        "Steps": [{"Name": "Deploy", "Type": "Processing", "Arguments": {"AppSpecification": {
-            "ImageUri": "image", "ContainerArguments": [
-                "--model-package-group", group, "--endpoint-name", {"Get": "Parameters.EndpointName"}, "--wait"]}}}],
-    }
-
-
-def test_without_a_configured_group_the_stored_pipelines_deploy_step_names_it(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    register(home, not_a_tarball(tmp_path / "a.tar.gz"), group=DEFAULT_GROUP)
-    register(home, not_a_tarball(tmp_path / "b.tar.gz"), group="custom-models")
-    write_json_atomic(home / "pipelines" / "kennel" / "definition.json",
-                      _deploying_definition("custom-models", "kennel-endpoint"))
-    write_json_atomic(home / "pipelines" / "elsewhere" / "definition.json",
-                      _deploying_definition("third-models", "another-endpoint"))
-    with StudioServer(home, port=0) as server:
-        client = Studio(home.resolve(), server)
-        assert client.get_json("/api/overview")["ModelPackageGroup"] == "custom-models"
-        status, answer = client.decide("approve", DEFAULT_GROUP, 1)
-        assert status == 403 and "'custom-models' only" in answer["Error"]
-        status, answer = client.decide("reject", "custom-models", 1)
-        assert status == 200 and answer["ModelApprovalStatus"] == REJECTED
 
 
 def test_log_path_traversal_is_refused(studio: tuple[Studio, str], tmp_path: Path) -> None:

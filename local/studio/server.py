@@ -83,8 +83,7 @@ class HttpError(Exception):
 class StudioSettings:
     home: Path
     endpoint_name: str = DEFAULT_ENDPOINT
-    # None: the group that the stored pipeline's deploy step serves on endpoint_name.
-    model_package_group: str | None = None
+    model_package_group: str = DEFAULT_GROUP  # the one group Approve / Reject act on
 
 
 @dataclass(frozen=True)
@@ -238,12 +237,8 @@ class StudioHandler(BaseHTTPRequestHandler):
 
 def get_overview(request: StudioHandler) -> dict[str, Any]:
     home = request.settings.home
-    try:
-        group, group_problem = decision_group(request.settings), None
-    except HttpError as error:
-        group, group_problem = None, error.message
-    return {"Home": str(home), "EndpointName": request.settings.endpoint_name, "ModelPackageGroup": group,
-            "ModelPackageGroupProblem": group_problem, "Pipelines": views.list_pipelines(home)}
+    return {"Home": str(home), "EndpointName": request.settings.endpoint_name,
+            "ModelPackageGroup": request.settings.model_package_group, "Pipelines": views.list_pipelines(home)}
 
 
 def get_pipeline(request: StudioHandler, name: str) -> dict[str, Any]:
@@ -299,28 +294,12 @@ def _package_choice(body: dict[str, Any]) -> tuple[str, int, str]:
     return group, version, reason
 
 
-def decision_group(settings: StudioSettings) -> str:
-    """The one model package group the page may approve and reject in: the configured one, else
-    the group the stored pipeline deploys to the endpoint. Approving deploys the newest Approved
-    package of the package's own group to settings.endpoint_name, so a package of any other group
-    would replace what that endpoint serves; `kennel approve` never does that either."""
-    if settings.model_package_group:
-        return settings.model_package_group
-    groups = views.deployed_groups(settings.home, settings.endpoint_name)
-    if len(groups) > 1:
-        raise HttpError(
-            HTTPStatus.CONFLICT,
-            f"the stored pipelines deploy model package groups {', '.join(map(repr, groups))} to endpoint "
-            f"{settings.endpoint_name!r}: decide with `kennel approve` / `kennel reject`, which use "
-            f"model_package_group from kennel.toml",
-        )
-    return groups[0] if groups else DEFAULT_GROUP
-
-
 def post_decision(request: StudioHandler, body: dict[str, Any], verb: str) -> dict[str, Any]:
     """Approve or reject through local.deployment, exactly as `kennel approve / reject` do."""
     group, version, reason = _package_choice(body)
-    allowed = decision_group(request.settings)
+    # Approving deploys the newest Approved package of the package's group to the one endpoint: a
+    # package of another group would replace what it serves. `kennel approve` never does that either.
+    allowed = request.settings.model_package_group
     if group != allowed:
         raise HttpError(
             HTTPStatus.FORBIDDEN,
@@ -504,7 +483,7 @@ class StudioServer:
     """The studio on a background thread (tests, embedding); `serve` runs it in the foreground."""
 
     def __init__(self, home: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 endpoint_name: str = DEFAULT_ENDPOINT, model_package_group: str | None = None) -> None:
+                 endpoint_name: str = DEFAULT_ENDPOINT, model_package_group: str = DEFAULT_GROUP) -> None:
         settings = StudioSettings(Path(home).resolve(), endpoint_name, model_package_group)
         try:
             self.httpd = StudioHttpServer((host, port), settings)
@@ -539,11 +518,9 @@ class StudioServer:
 
 
 def serve(home: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, endpoint_name: str = DEFAULT_ENDPOINT,
-          on_ready: Callable[[str], None] | None = None, model_package_group: str | None = None) -> None:
+          on_ready: Callable[[str], None] | None = None, model_package_group: str = DEFAULT_GROUP) -> None:
     """Serve until interrupted (Ctrl-C raises KeyboardInterrupt out of here, after closing).
-
-    model_package_group: the group Approve / Reject act on (kennel.toml's); None reads it from the
-    stored pipeline's deploy step for endpoint_name."""
+    Approve / Reject act on model_package_group only (kennel.toml's, as `kennel approve`)."""
     server = StudioServer(home, host, port, endpoint_name, model_package_group)
     if on_ready is not None:
         on_ready(server.url)

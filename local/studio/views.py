@@ -73,38 +73,6 @@ def parameters(definition: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def deployed_groups(home: Path, endpoint_name: str) -> list[str]:
-    """The model package groups that a stored pipeline's deploy step serves on `endpoint_name`
-    (its `--model-package-group` and `--endpoint-name`, read with the parameters' defaults)."""
-    groups: set[str] = set()
-    for entry in list_pipelines(home):
-        try:
-            definition = read_json(home / "pipelines" / entry["Name"] / "definition.json")
-            nodes = build_graph(definition)
-        except (OSError, ValueError, GraphError):
-            continue
-        scope = Scope(parameters={p["Name"]: p["DefaultValue"] for p in parameters(definition) if p["Name"]})
-        for node in nodes.values():
-            specification = (node.step.get("Arguments") or {}).get("AppSpecification") or {}
-            argv = specification.get("ContainerArguments") if isinstance(specification, Mapping) else None
-            if not isinstance(argv, list) or "--model-package-group" not in argv:
-                continue
-            try:
-                options = _options(resolve(argv, scope))
-            except (ExpressionError, ValueError, KeyError, TypeError):
-                continue
-            if options.get("--endpoint-name") == endpoint_name and options.get("--model-package-group"):
-                groups.add(options["--model-package-group"])
-    return sorted(groups)
-
-
-def _options(argv: list) -> dict[str, str]:
-    """`--name value` pairs of a container's arguments, as entrypoints/deploy.py parses them."""
-    items = [str(item) for item in argv]
-    return {item: items[i + 1] for i, item in enumerate(items[:-1]) if item.startswith("--")
-            and not items[i + 1].startswith("--")}
-
-
 def dag(definition: Mapping[str, Any]) -> dict[str, Any]:
     """Nodes with a layer (longest dependency path from a root) and typed edges: 'depends'
     (DependsOn), 'data' (a Get/JsonGet on the other step's properties), 'if' / 'else' (branches)."""
@@ -510,7 +478,6 @@ __all__ = [
     "NotFound",
     "RegistryError",
     "dag",
-    "deployed_groups",
     "shown_rule_statuses",
     "endpoints_view",
     "execution_view",

@@ -396,9 +396,8 @@ async function showModels(mine) {
   }
   // Approve / Reject only in the group whose packages the endpoint serves (as `kennel approve`).
   const decided = overview.ModelPackageGroup;
-  const note = (name) => el("p", { className: "muted not-decided" }, decided
-    ? `Decisions are made in group ${decided} (served by endpoint ${overview.EndpointName}); use the registry's own tools for ${name}.`
-    : overview.ModelPackageGroupProblem || "No group to decide in.");
+  const note = (name) => el("p", { className: "muted not-decided" },
+    `Decisions are made in group ${decided} (served by endpoint ${overview.EndpointName}); use the registry's own tools for ${name}.`);
   render(mine, el("h1", {}, "Model registry"), groups.map((group) => el("section", { className: "card", "data-group": group.Name },
     el("h2", {}, `Group ${group.Name}`),
     group.Name === decided ? null : note(group.Name),
