@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from sagemaker.mlops.workflow.steps import ProcessingStep, Step
 
-from steps.common import StepContext, framework_processor, job_retry_policies
+from steps.common import StepContext, framework_processor, job_retry_policies, run_processor
 
 NAME = "Deploy"
 # The local runner serves this step from its own registry and endpoints instead of running
@@ -36,7 +36,7 @@ def deploy_step(ctx: StepContext, depends_on: list[Step] | None = None) -> Proce
     """Not cached: whether anything is approved changes outside the pipeline."""
     processor = framework_processor(ctx, f"{ctx.config.pipeline_name}-deploy",
                                     ctx.config.deploy_instance_type, 1, env=LOCAL_STEP_ROLE)
-    step_args = processor.run(code="deploy.py", source_dir=ctx.source_dir, arguments=deploy_arguments(ctx))
+    step_args = run_processor(ctx, processor, "deploy.py", arguments=deploy_arguments(ctx))
     return ProcessingStep(
         name=NAME,
         step_args=step_args,

@@ -15,6 +15,7 @@ from steps.common import (
     output_uri,
     processing_input,
     processing_output,
+    run_processor,
 )
 from steps.train import model_artifacts
 
@@ -32,9 +33,8 @@ def evaluate_step(ctx: StepContext, prepare: ProcessingStep, train: TrainingStep
         ctx, f"{ctx.config.pipeline_name}-evaluate",
         params["ProcessingInstanceType"], params["ProcessingInstanceCount"],
     )
-    step_args = processor.run(
-        code="evaluate.py",
-        source_dir=ctx.source_dir,
+    step_args = run_processor(
+        ctx, processor, "evaluate.py",
         inputs=[
             # SageMaker downloads the model.tar.gz object into this folder.
             processing_input("model", model_artifacts(train), MODEL_PATH),

@@ -12,6 +12,7 @@ from steps.common import (
     job_retry_policies,
     processing_input,
     processing_output,
+    run_processor,
 )
 
 NAME = "PrepareData"
@@ -26,9 +27,8 @@ def prepare_step(ctx: StepContext) -> ProcessingStep:
         ctx, f"{config.pipeline_name}-prepare",
         params["ProcessingInstanceType"], params["ProcessingInstanceCount"],
     )
-    step_args = processor.run(
-        code="prepare.py",
-        source_dir=ctx.source_dir,
+    step_args = run_processor(
+        ctx, processor, "prepare.py",
         inputs=[processing_input("data", params["InputDataUri"], INPUT_PATH)],
         outputs=[processing_output(ctx, NAME, name, f"{OUTPUT_ROOT}/{name}") for name in contract.PREPARE_OUTPUTS],
         arguments=[

@@ -24,7 +24,14 @@ from sagemaker.core.training.configs import MetricDefinition
 from sagemaker.mlops.workflow.steps import ProcessingStep, TrainingStep, TuningStep
 
 from entrypoints import contract
-from steps.common import StepContext, cache_config, job_retry_policies, static_s3_uri
+from steps.common import (
+    DRIVERS_FOLDER,
+    StepContext,
+    cache_config,
+    content_addressed_channel,
+    job_retry_policies,
+    static_s3_uri,
+)
 from steps.tune import TUNED, best_hyperparameter, model_trainer, static_hyperparameters, training_channels
 
 NAME = "TrainWithDebugger"
@@ -109,16 +116,21 @@ PROFILING_INTERVAL_MS = 500
 
 
 class DebugTrainingStep(TrainingStep):
-    """A TrainingStep whose CreateTrainingJob request carries Debugger and profiler settings."""
+    """A TrainingStep whose CreateTrainingJob request carries Debugger and profiler settings, and
+    whose driver channel lies at a content-addressed place (steps.common)."""
 
-    def __init__(self, *, debugger: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(self, *, ctx: StepContext, debugger: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._ctx = ctx
         self._debugger = debugger
 
     @property
     def arguments(self) -> dict[str, Any]:
         request = super().arguments
         request.update(self._debugger)
+        # The ModelTrainer uploads its driver channel under the time-stamped job name; the cache key
+        # (InputDataConfig) must not move with it.
+        content_addressed_channel(self._ctx, request["InputDataConfig"], DRIVERS_FOLDER)
         return request
 
 
@@ -161,12 +173,14 @@ def train_step(ctx: StepContext, prepare: ProcessingStep, tune: TuningStep) -> D
     # across executions would let one execution resume another's run, while one per execution
     # would never hit the cache. train.py checkpoints locally either way.
     # torchrun, so that TrainingInstanceCount > 1 or a multi-GPU instance trains one model together.
-    trainer = model_trainer(ctx, f"{config.pipeline_name}-train", hyperparameters, distributed=True)
+    trainer = model_trainer(ctx, f"{config.pipeline_name}-train", hyperparameters, source_dir=ctx.code.source_uri,
+                            distributed=True)
     # The tuner sets metric definitions on its trials; this job needs its own so that SageMaker (and
     # the local runner) fill FinalMetricDataList and Studio charts its epochs.
     trainer.with_metric_definitions([MetricDefinition(name=d["Name"], regex=d["Regex"])
                                      for d in contract.METRIC_DEFINITIONS])
     return DebugTrainingStep(
+        ctx=ctx,
         name=NAME,
         step_args=trainer.train(input_data_config=training_channels(prepare)),
         debugger=debugger_request(ctx),

@@ -14,8 +14,10 @@ from sagemaker.train.tuner import HyperparameterTuner
 
 from entrypoints import contract
 from steps.common import (
+    DRIVERS_FOLDER,
     StepContext,
     cache_config,
+    content_addressed_channel,
     job_retry_policies,
     output_uri,
     static_s3_uri,
@@ -31,17 +33,21 @@ class ParameterizedTuningStep(TuningStep):
 
     The v3 tuner builds its request with pydantic models that take only ints for the limits,
     while CreateHyperParameterTuningJob inside a pipeline takes parameter references; the
-    limits are swapped in after the SDK has built the request.
+    limits are swapped in after the SDK has built the request, and the driver channel is moved to
+    a content-addressed place (steps.common).
     """
 
-    def __init__(self, *, resource_limits: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(self, *, ctx: StepContext, resource_limits: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._ctx = ctx
         self._resource_limits = resource_limits
 
     @property
     def arguments(self) -> dict[str, Any]:
         request = super().arguments
         request["HyperParameterTuningJobConfig"]["ResourceLimits"].update(self._resource_limits)
+        # The tuner uploads its driver channel under a time-stamped key; its cache key must not move.
+        content_addressed_channel(self._ctx, request["TrainingJobDefinition"]["InputDataConfig"], DRIVERS_FOLDER)
         return request
 
 
@@ -66,9 +72,10 @@ def static_hyperparameters(ctx: StepContext) -> dict[str, Any]:
     }
 
 
-def model_trainer(ctx: StepContext, base_job_name: str, hyperparameters: dict[str, Any],
+def model_trainer(ctx: StepContext, base_job_name: str, hyperparameters: dict[str, Any], source_dir: str,
                   distributed: bool = False) -> ModelTrainer:
-    """A ModelTrainer running train.py from the shared code bundle.
+    """A ModelTrainer running train.py from the shared code bundle, already in S3 at `source_dir`
+    (a prefix of files for a training job's `code` channel, or the tarball a tuner's trials fetch).
 
     `distributed` starts train.py under torchrun, one process per GPU on each of the
     TrainingInstanceCount instances. Otherwise the job runs one process on one instance: the tuner
@@ -78,7 +85,7 @@ def model_trainer(ctx: StepContext, base_job_name: str, hyperparameters: dict[st
     config, params = ctx.config, ctx.params
     return ModelTrainer(
         training_image=training_image(config),
-        source_code=SourceCode(source_dir=ctx.source_dir, entry_script="train.py"),
+        source_code=SourceCode(source_dir=source_dir, entry_script="train.py"),
         compute=Compute(instance_type=params["TrainingInstanceType"],
                         instance_count=params["TrainingInstanceCount"] if distributed else 1),
         stopping_condition=StoppingCondition(max_runtime_in_seconds=config.max_runtime_seconds),
@@ -102,7 +109,9 @@ def tune_step(ctx: StepContext, prepare: ProcessingStep) -> ParameterizedTuningS
     """Minimizes contract.OBJECTIVE_METRIC over lr (log), batch-size (categorical), epochs (integer)."""
     config, params = ctx.config, ctx.params
     tuner = HyperparameterTuner(
-        model_trainer=model_trainer(ctx, f"{config.pipeline_name}-tune", static_hyperparameters(ctx)),
+        # The trials start train.py the training toolkit's way, from sagemaker_submit_directory: a tarball.
+        model_trainer=model_trainer(ctx, f"{config.pipeline_name}-tune", static_hyperparameters(ctx),
+                                    source_dir=ctx.code.tarball_uri),
         objective_metric_name=contract.OBJECTIVE_METRIC,
         objective_type="Minimize",
         hyperparameter_ranges={
@@ -119,6 +128,7 @@ def tune_step(ctx: StepContext, prepare: ProcessingStep) -> ParameterizedTuningS
         base_tuning_job_name=f"{config.pipeline_name}-tune",
     )
     return ParameterizedTuningStep(
+        ctx=ctx,
         name=NAME,
         step_args=tuner.tune(inputs=training_channels(prepare)),
         resource_limits={

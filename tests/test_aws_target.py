@@ -60,7 +60,11 @@ def test_upsert_creates_then_updates_the_pipeline(target):
     assert [step["Name"] for step in definition["Steps"]][-1] == "CheckTestLoss"
     second = target.upsert()
     assert not second.created and second.pipeline_arn == first.pipeline_arn
-    assert sagemaker().describe_pipeline(PipelineName="kennel")["PipelineArn"] == first.pipeline_arn
+    described_again = sagemaker().describe_pipeline(PipelineName="kennel")
+    assert described_again["PipelineArn"] == first.pipeline_arn
+    # The same code lands at the same content-addressed keys: every step's arguments, SageMaker's
+    # cache keys among them, are unchanged, so the next run reuses the cached steps.
+    assert json.loads(described_again["PipelineDefinition"]) == definition
 
 
 def test_upsert_uploads_the_code_the_definition_names_to_the_bucket(upserted):

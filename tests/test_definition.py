@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import botocore.session
@@ -375,6 +376,71 @@ def test_cache_keys_hold_nothing_that_changes_every_execution(offline_builds):
             continue
         keys = {name: step["Arguments"].get(name) for name in CACHE_KEYS[step["Type"]]}
         assert "Execution." not in json.dumps(keys), step["Name"]
+
+
+def cache_key_fields(definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What SageMaker compares to find a cached run, for each cached step."""
+    return {step["Name"]: {name: step["Arguments"].get(name) for name in CACHE_KEYS[step["Type"]]}
+            for step in all_steps(definition).values() if step.get("CacheConfig", {}).get("Enabled")}
+
+
+def test_a_rebuild_keeps_the_cache_keys_unless_the_code_changed(offline_builds, monkeypatch):
+    """The code lies in S3 under keys named by its content: building again (the next upsert) gives the
+    cached steps the same arguments, so SageMaker reuses their runs; a changed script changes them all
+    (every step runs the same bundle)."""
+    from pipeline.definition import build_offline, sdk_environment
+
+    with sdk_environment(repo_config()):
+        from steps import common
+    first = offline_builds["aws"]
+    again = build_offline(repo_config(), "aws")
+    keys = cache_key_fields(first.definition)
+    assert set(keys) == {"PrepareData", "Tune", "TrainWithDebugger", "Evaluate"}
+    assert cache_key_fields(again.definition) == keys
+    assert again.definition == first.definition and again.deploy_definition == first.deploy_definition
+
+    stage = common.stage_source_dir
+
+    def edited(destination, source=common.ENTRYPOINTS_DIR):
+        staged = stage(destination, source)
+        with (Path(staged) / "train.py").open("a", encoding="utf-8") as script:
+            script.write("# a comment changes no behaviour, but it is other code\n")
+        return staged
+
+    monkeypatch.setattr(common, "stage_source_dir", edited)
+    changed = cache_key_fields(build_offline(repo_config(), "aws").definition)
+    assert [name for name in keys if changed[name] == keys[name]] == []
+
+
+def test_code_lies_at_content_addressed_keys_the_local_runner_can_read(offline_builds):
+    """The code channel, the trials' submit directory, the processing bundles and the driver
+    channels lie under <prefix>/code/; the tarball is reproducible and holds the same files."""
+    import io
+    import tarfile
+
+    from pipeline.definition import sdk_environment
+
+    with sdk_environment(repo_config()):
+        from steps.common import bundle_files, content_digest, reproducible_tarball
+    build = offline_builds["aws"]
+    config = repo_config().for_target("aws")
+    code_root = f"s3://{config.bucket}/{config.prefix}/code/"
+    uris = literal_inputs(build.definition) | literal_inputs(build.deploy_definition)
+    assert uris and all(uri.startswith(code_root) for uri in uris), sorted(uris)
+    steps = all_steps(build.definition)
+    code = next(c["DataSource"]["S3DataSource"]["S3Uri"] for c in steps["TrainWithDebugger"]["Arguments"]["InputDataConfig"]
+                if c["ChannelName"] == "code")
+    files = {key.removeprefix(code): body for key, body in build.objects.items() if key.startswith(code)}
+    assert "train.py" in files and code == f"{code_root}{content_digest(files)}/source/"
+    submit = steps["Tune"]["Arguments"]["TrainingJobDefinition"]["StaticHyperParameters"]["sagemaker_submit_directory"]
+    assert submit == f"{code_root}{content_digest(files)}/sourcedir.tar.gz"
+    assert build.objects[submit] == reproducible_tarball(files)
+    with tarfile.open(fileobj=io.BytesIO(build.objects[submit])) as archive:
+        assert {member.name: archive.extractfile(member).read() for member in archive.getmembers()} == files
+    with tarfile.open(fileobj=io.BytesIO(build.objects[submit])) as archive:
+        assert {(member.mtime, member.uid, member.uname) for member in archive.getmembers()} == {(0, 0, "")}
+    assert not [name for name in bundle_files(Path(__file__).resolve().parents[1] / "entrypoints")
+                if "__pycache__" in name or name.endswith(".pyc")]
 
 
 def test_prepare_writes_one_output_per_contract_name(offline_builds):
