@@ -708,12 +708,17 @@ def user_message(error: UserError) -> str:
 def cli(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     try:
-        return main(parse_args(argv))
+        main(parse_args(argv))
     except UserError as error:
         message = user_message(error)
-        print(f"train.py: error: {message}", file=sys.stderr, flush=True)
-        write_failure(message)
-        return 1
+    except OSError as error:  # a full disk or a path taken mid-run: the folders were checked at the start
+        where = f" on {error.filename}" if error.filename else ""
+        message = f"I/O error{where}: {error.strerror or error}"
+    else:
+        return 0
+    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    write_failure(message)
+    return 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 from debugger_support import run_debug_pipeline
 from test_local_support import BUCKET, definition, get, processing_step, store_for, training_step
 
+from entrypoints import contract
 from local.jobs.training import gpu_count
 from local.progress import step_details
 from local.runner import RunOptions, run_pipeline
@@ -361,12 +362,13 @@ def test_a_job_whose_upload_fails_keeps_its_reports(home: Path) -> None:
 
 @pytest.mark.slow
 def test_a_training_that_fails_after_an_epoch_keeps_its_reports(offline_builds, tmp_path: Path) -> None:
-    # train.py itself fails after its first epoch: the checkpoint folder it is given cannot be written.
-    run = run_debug_pipeline(
-        offline_builds["local"], tmp_path, hyperparameters={"checkpoint-dir": "/proc/kennel/checkpoints"}
-    )
+    # train.py itself fails after its first epoch: a folder stands where its checkpoint file goes.
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / contract.CHECKPOINT_FILE).mkdir(parents=True)
+    run = run_debug_pipeline(offline_builds["local"], tmp_path, hyperparameters={"checkpoint-dir": str(checkpoints)})
     record = run.train
     assert record.status == "Failed" and record.failure_reason.startswith("AlgorithmError:")
+    assert "I/O error on " in record.failure_reason and "Traceback" not in record.failure_reason
     log = Path(record.log_path).read_text()
     assert re.findall(r"^epoch=(\d+) ", log, re.MULTILINE) == ["1"]
     lines = assert_reports_kept(run.home, run.execution.execution_id, record.name)
