@@ -1,7 +1,7 @@
 """The local target end to end through the `kennel` CLI, on the bundled sample, small settings.
 
 One state folder for the module, in the order a user lives it:
-  1. `kennel run` in the background, SIGKILL the runner mid-tuning/training, `kennel run --resume`;
+  1. `kennel run` in the background, SIGKILL the runner mid-training, `kennel run --resume`;
   2. the finished execution: step statuses, tuned hyperparameters reaching training, the
      condition deciding on evaluation.json's loss, the package registered PendingManualApproval
      and no endpoint serving it;
@@ -88,19 +88,22 @@ def first_execution(home: Path) -> str:
     record = home / "executions" / execution / "execution.json"
     runner_pid = json.loads(record.read_text())["Runner"]["Pid"]
 
-    def a_job_is_running() -> bool:
-        statuses = step_statuses(home, execution)
-        return statuses.get("Tune") == "Executing" or statuses.get("TrainWithDebugger") == "Executing"
+    def training_is_running() -> bool:
+        return step_statuses(home, execution).get("TrainWithDebugger") == "Executing"
 
-    wait_for(a_job_is_running, 300, "tuning or training to start")
+    wait_for(training_is_running, 420, "the training step to start")
     time.sleep(3)  # let the job get going: the resume must cope with work in flight
     os.kill(runner_pid, signal.SIGKILL)
     wait_for(lambda: status_json(home, execution)["status"] != "Executing", 30, "the execution to read as ended")
     interrupted = status_json(home, execution)
     assert any("resume with: kennel run --resume" in note for note in interrupted["notes"]), interrupted
+    killed_in = {step["name"]: step["status"] for step in interrupted["steps"]}
+    assert killed_in["Tune"] == "Succeeded" and killed_in["TrainWithDebugger"] != "Succeeded", killed_in
+    tuned_before = step_record(home, execution, "Tune")
 
     resumed = kennel(home, "run", "--resume", execution)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert step_record(home, execution, "Tune") == tuned_before, "the resume reuses what succeeded"
     return execution
 
 
@@ -184,6 +187,11 @@ def test_a_second_run_hits_the_cache_and_rejecting_rolls_back(home: Path, first_
     steps = {step["name"]: step for step in status_json(home, execution)["steps"]}
     assert all(steps[name]["cached"] for name in ("PrepareData", "Tune", "TrainWithDebugger", "Evaluate"))
     assert not steps["Register"]["cached"]
+    # The cached steps still show the report and plots their original jobs drew.
+    shown = kennel(home, "status", execution).stdout
+    for line in ("TrainWithDebugger: profiler report: ", "TrainWithDebugger: plot training_curves: ",
+                 "Evaluate: plot confusion_matrix: "):
+        assert line in shown, shown
 
     assert kennel(home, "approve", "--version", "2").returncode == 0
     (endpoint,) = json.loads(kennel(home, "endpoints", "--json").stdout)
