@@ -1,6 +1,6 @@
 """What the SageMaker Debugger hook costs the training job, at the definition's default save intervals.
 
-    python bench/debugger_overhead.py [--repeats 3]
+    python bench/debugger_overhead.py [--repeats 7]
 
 Trains entrypoints/train.py on the bundled sample the way the local pipeline's TrainWithDebugger
 step does (the [local] settings of kennel.toml: architecture, freeze, image size, epochs, batch
@@ -8,13 +8,16 @@ size), once with the step's DebugHookConfig (from the definition `kennel definit
 collections, save_interval) written to debughookconfig.json, and once without it. The runs
 alternate (none, hook, hook, none, ...) so that the load of this shared machine falls on both.
 
-Reports, for each variant, the process's CPU time (user + system: the work the hook adds,
-smdebug's import and the hook's set-up included), its wall time and the epochs' wall time
-(train.py's per-epoch `seconds`), as minimum and median over the runs, the ratios hook / no hook,
-and the size of the saved tensors. Target: the hook costs at most 10%, judged on the minimum CPU
-time: this machine is shared, other people's load inflates the wall and CPU time of some runs by
-10-100% (measured), and the least disturbed run of each variant is the best estimate of what the
-hook itself costs. Writes bench/results/debugger_overhead.json and prints one line.
+Reports, for each variant, the training job's wall time (the process, smdebug's import and the
+hook's set-up included: what a user waits for), its CPU time (user + system) and the epochs' wall
+time (train.py's per-epoch `seconds`; also after the first epoch alone, which leaves out the
+hook's one-time costs: smdebug's import, the first step's activation inputs, the first steps'
+gradients), each as minimum and median over the runs. The overhead of
+each figure is the median over the runs' pairs (run i with the hook against run i without, which
+ran next to it) of with / without - 1: a burst of other load on this shared machine then falls on
+both sides of a pair, and one disturbed pair moves the median little. Target: the hook costs at
+most 10% of the training job's wall time. Writes bench/results/debugger_overhead.json and prints
+one line; exits 1 when the target is missed.
 """
 
 from __future__ import annotations
@@ -110,13 +113,15 @@ def train_once(hyperparameters: dict[str, str], hook: dict | None, workdir: Path
         "cpu_seconds": cpu,
         "process_seconds": seconds,
         "epoch_seconds": sum(row["seconds"] for row in history),
+        # After the first epoch: no import, no first-step activations, no first-steps gradients.
+        "later_epoch_seconds": sum(row["seconds"] for row in history[1:]),
         "tensor_bytes": size,
     }
 
 
 def summary(runs: list[dict[str, float]]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    for key in ("cpu_seconds", "process_seconds", "epoch_seconds"):
+    for key in ("cpu_seconds", "process_seconds", "epoch_seconds", "later_epoch_seconds"):
         values = [run[key] for run in runs]
         figures[f"{key}_min"] = round(min(values), 2)
         figures[f"{key}_median"] = round(statistics.median(values), 2)
@@ -124,13 +129,15 @@ def summary(runs: list[dict[str, float]]) -> dict[str, Any]:
     return figures
 
 
-def overhead(with_hook: dict[str, Any], without: dict[str, Any], key: str) -> float:
-    return round(with_hook[key] / without[key] - 1, 4)
+def paired_overhead(with_hook: list[dict[str, float]], without: list[dict[str, float]], key: str) -> float:
+    """Median over the pairs of runs (adjacent in time) of with / without - 1."""
+    ratios = [hooked[key] / plain[key] - 1 for hooked, plain in zip(with_hook, without, strict=True)]
+    return round(statistics.median(ratios), 4)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each variant")
+    parser.add_argument("--repeats", type=int, default=7, help="runs of each variant")
     args = parser.parse_args(argv)
     arguments, defaults, config = definition_step()
     tuned = {"lr": "0.001", "batch-size": str(config.batch_sizes[0]), "epochs": str(config.epochs)}
@@ -147,17 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name].append(train_once(hyperparameters, config_or_none, Path(folder)))
     without, with_hook = summary(runs["without_hook"]), summary(runs["with_hook"])
     overheads = {
-        f"{key}_overhead": overhead(with_hook, without, key)
-        for key in (
-            "cpu_seconds_min",
-            "cpu_seconds_median",
-            "process_seconds_min",
-            "process_seconds_median",
-            "epoch_seconds_min",
-            "epoch_seconds_median",
-        )
+        f"{key}_overhead": paired_overhead(runs["with_hook"], runs["without_hook"], key)
+        for key in ("process_seconds", "cpu_seconds", "epoch_seconds", "later_epoch_seconds")
     }
-    judged = overheads["cpu_seconds_min_overhead"]
+    judged = overheads["process_seconds_overhead"]
     result = {
         "benchmark": "train.py on the bundled sample with and without the definition's DebugHookConfig",
         "hyperparameters": hyperparameters,
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         "without_hook": without,
         "with_hook": with_hook,
         **overheads,
-        "judged_on": "cpu_seconds_min_overhead",
+        "overhead_statistic": "median over adjacent pairs of runs of with_hook / without_hook - 1",
+        "judged_on": "process_seconds_overhead",
         "target_overhead": TARGET_OVERHEAD,
         "meets_target": judged <= TARGET_OVERHEAD,
         "machine": {
@@ -185,11 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     temporary.write_text(json.dumps(result, indent=2) + "\n")
     temporary.replace(RESULTS)
     print(
-        f"debugger hook: {without['cpu_seconds_min']:.1f} -> {with_hook['cpu_seconds_min']:.1f} CPU s per job "
-        f"({100 * judged:+.1f}%, target <= {100 * TARGET_OVERHEAD:.0f}%, "
-        f"{'met' if result['meets_target'] else 'MISSED'}); medians: CPU "
-        f"{100 * overheads['cpu_seconds_median_overhead']:+.1f}%, wall "
-        f"{100 * overheads['process_seconds_median_overhead']:+.1f}% (shared machine); "
+        f"debugger hook: training job {without['process_seconds_median']:.1f} -> "
+        f"{with_hook['process_seconds_median']:.1f} s ({100 * judged:+.1f}%, target <= {100 * TARGET_OVERHEAD:.0f}%, "
+        f"{'met' if result['meets_target'] else 'MISSED'}); CPU {100 * overheads['cpu_seconds_overhead']:+.1f}%, "
+        f"epochs {100 * overheads['epoch_seconds_overhead']:+.1f}%, epochs after the first "
+        f"{100 * overheads['later_epoch_seconds_overhead']:+.1f}% (medians of {args.repeats} pairs) "
         f"-> {RESULTS.relative_to(REPO_ROOT)}"
     )
     return 0 if result["meets_target"] else 1
