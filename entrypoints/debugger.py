@@ -168,6 +168,8 @@ def release_module_hooks_when_done(hook: Any, model: nn.Module) -> None:
 
     def release(module: nn.Module, inputs: Any) -> None:
         nonlocal watched
+        if not hook.prepared_collections:
+            return  # smdebug's step hook set nothing up (it turns itself off on its own errors)
         if watched is None:
             # Found once, at the first step, after smdebug's step hook has prepared its collections:
             # matching ~400 names against every collection's patterns costs a few milliseconds.
